@@ -1,0 +1,35 @@
+"""LoRA (Hu et al. 2021): dW = (alpha / r) B A.
+
+A (r x in) is Kaiming-uniform (a = sqrt(5), like ``nn.Linear``), B (out x r) is zero, so the
+update is exactly zero at init. Trainable parameters per layer: r * (in + out).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Update
+
+
+class LoRAUpdate(Update):
+    def __init__(self, out_features: int, in_features: int, r: int, scaling: float):
+        super().__init__()
+        self.out_features, self.in_features, self.r, self.scaling = out_features, in_features, r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    @staticmethod
+    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
+        return r * (out_features + in_features)

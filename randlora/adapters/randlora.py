@@ -1,0 +1,244 @@
+"""RandLoRA (Albert et al., ICLR 2025): full-rank updates from shared random bases.
+
+For a weight W0 of shape (out, in), let m = min(out, in), M = max(out, in), n = ceil(m / r):
+
+    dW = s * sum_{j=1..n} B_j diag(lambda_j) A diag(gamma_j)            (oriented to (out, in))
+
+* B_j (M x r): frozen, a different one per j; A (r x m): frozen, shared by all j.
+* lambda_j (r) and gamma_j (m) are trained; gamma always sits on the *smaller* side m.
+* Trainable parameters per layer: n * (r + m).  n * r >= m, so dW is full rank (generically).
+* s = alpha / r, times 1 / sqrt(n) when ``scale_sqrt_n`` is set (the paper's LLM preset).
+* Init (default, as PEFT and the paper's LLM code): lambda = 0, gamma = 1 / m, so dW = 0 and
+  dW has rank r after the first step, full rank from the second. ``init="vision"`` is the
+  paper's vision code: lambda = 1 / n, gamma = 0 (full rank from the first step).
+
+One global B stack (n_max * r rows x M_max columns; rows j*r .. j*r+r-1 are B_j^T) and one A
+(r x m_max) serve every layer, which slices its top-left corner: memory for bases does not grow
+with depth. With A~ = stack_j (diag(lambda_j) A diag(gamma_j)) of shape (n*r, m) and
+Bs = B[:n*r, :M], the update is Bs^T A~ when in == m, and A~^T Bs when out == m.
+
+Compute paths (``path=``):
+* ``factorised``: y = W0 x + s Bs^T (A~ x) (or the mirrored form); a custom autograd function
+  saves only x (which the base linear keeps anyway) and lambda / gamma, and rebuilds A~ in
+  backward, so neither the (n*r x m) A~ nor the (T x n*r) hidden activation is kept.
+* ``merged``: y = (W0 + s dW) x in one GEMM; backward rebuilds dW, so nothing but x is kept.
+  Its cost does not grow with the token count T through the adapter, so it wins for large T.
+* ``auto`` (default): per call, the cheaper of the two by a FLOP count of forward + backward
+  (or forward only when no gradient is needed). ``last_path`` says which ran.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bases import SharedBases, draw_basis
+from .layers import Update
+
+PATHS = ("auto", "factorised", "merged")
+INITS = ("default", "vision")
+
+
+def num_bases(out_features: int, in_features: int, r: int) -> int:
+    return math.ceil(min(out_features, in_features) / r)
+
+
+def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distribution: str = "uniform",
+                        sparsity: float | None = None) -> SharedBases:
+    """One B stack and one A for all target shapes, drawn from a generator seeded with ``seed``.
+
+    For ``very_sparse`` the sparsity defaults to s = sqrt(m_max) (the paper's "sqrt(D)" row,
+    e.g. sqrt(768) for ViT-B: 93 % zeros); ``sparse`` defaults to s = 6 (66 % zeros).
+    """
+    m_max = max(min(o, i) for o, i in shapes)
+    big_max = max(max(o, i) for o, i in shapes)
+    n_max = max(num_bases(o, i, r) for o, i in shapes)
+    if distribution == "very_sparse" and sparsity is None:
+        sparsity = math.sqrt(m_max)
+    if distribution == "sparse" and sparsity is None:
+        sparsity = 6.0
+    g = torch.Generator().manual_seed(int(seed))
+    b = draw_basis((n_max * r, big_max), g, distribution, sparsity)
+    a = draw_basis((r, m_max), g, distribution, sparsity)
+    spec = {"method": "randlora", "seed": int(seed), "A": [r, m_max], "B": [n_max * r, big_max],
+            "distribution": distribution, "sparsity": sparsity}
+    return SharedBases({"A": a, "B": b}, spec)
+
+
+def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A~ = stack_j diag(lambda_j) A diag(gamma_j), shape (n*r, m); plain ops, no graph kept."""
+    n, r = lam.shape
+    return (lam[:, :, None] * a[None] * gam[:, None, :]).reshape(n * r, a.shape[1])
+
+
+def _grad_lambda_gamma(g_scaled: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor):
+    """Pull the gradient of A~ back to lambda (n, r) and gamma (n, m) with two batched matmuls."""
+    n, r = lam.shape
+    ga = g_scaled.reshape(n, r, -1) * a[None]  # (n, r, m)
+    g_lam = torch.bmm(ga, gam[:, :, None]).squeeze(-1)
+    g_gam = torch.bmm(lam[:, None, :], ga).squeeze(1)
+    return g_lam, g_gam
+
+
+class _ScaledBases(torch.autograd.Function):
+    """A~ with a backward that keeps only lambda and gamma (A is a resident buffer)."""
+
+    @staticmethod
+    def forward(ctx, lam, gam, a):
+        ctx.save_for_backward(lam, gam, a)
+        return _scaled_a(lam, gam, a)
+
+    @staticmethod
+    def backward(ctx, g):
+        lam, gam, a = ctx.saved_tensors
+        g_lam, g_gam = _grad_lambda_gamma(g.to(lam.dtype), lam, gam, a.to(lam.dtype))
+        return g_lam, g_gam, None
+
+
+class _Factorised(torch.autograd.Function):
+    """y = s * x dW^T without ever storing A~ or the (T x n*r) hidden activation."""
+
+    @staticmethod
+    def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        sa = _scaled_a(lam, gam, a).to(dtype)
+        bd = b.to(dtype)
+        if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
+            y = (x2 @ sa.t()) @ bd
+        else:          # dW = A~^T Bs : x -> Bs -> A~
+            y = (x2 @ bd.t()) @ sa
+        y = y * scaling
+        ctx.save_for_backward(x, lam, gam, a, b)
+        ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, lam, gam, a, b = ctx.saved_tensors
+        dt, s = ctx.dtype, ctx.scaling
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        g2 = gy.reshape(-1, gy.shape[-1]).to(dt) * s
+        sa = _scaled_a(lam, gam, a).to(dt)
+        bd = b.to(dt)
+        if ctx.in_small:
+            gh = g2 @ bd.t()                       # (T, n*r)
+            gx = gh @ sa if ctx.needs_input_grad[0] else None
+            g_sa = gh.t() @ x2                     # (n*r, in)
+        else:
+            h = x2 @ bd.t()                        # recomputed, (T, n*r)
+            g_sa = h.t() @ g2                      # (n*r, out)
+            gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
+        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype))
+        if gx is not None:
+            gx = gx.reshape(x.shape).to(x.dtype)
+        return gx, g_lam, g_gam, None, None, None, None, None
+
+
+def _delta(lam, gam, a, b, scaling, in_small, dtype):
+    sa = _scaled_a(lam, gam, a).to(dtype)
+    bd = b.to(dtype)
+    dw = bd.t() @ sa if in_small else sa.t() @ bd
+    return dw * scaling
+
+
+class _Merged(torch.autograd.Function):
+    """y = x (W0 + s dW)^T + bias in one GEMM; backward rebuilds dW, keeps only x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype):
+        w_eff = weight.to(dtype) + _delta(lam, gam, a, b, scaling, in_small, dtype)
+        y = F.linear(x.to(dtype), w_eff, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, weight, lam, gam, a, b)
+        ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, lam, gam, a, b = ctx.saved_tensors
+        dt, s = ctx.dtype, ctx.scaling
+        g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w_eff = weight.to(dt) + _delta(lam, gam, a, b, s, ctx.in_small, dt)
+            gx = (g2 @ w_eff).reshape(x.shape).to(x.dtype)
+        g_dw = (g2.t() @ x2) * s                   # (out, in)
+        bd = b.to(dt)
+        g_sa = bd @ g_dw if ctx.in_small else bd @ g_dw.t()
+        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype))
+        return gx, None, None, g_lam, g_gam, None, None, None, None, None
+
+
+class RandLoRAUpdate(Update):
+    def __init__(self, out_features: int, in_features: int, r: int, alpha: float, bases: SharedBases,
+                 scale_sqrt_n: bool = False, init: str = "default", path: str = "auto"):
+        super().__init__()
+        self.out_features, self.in_features, self.r = out_features, in_features, r
+        self.m = min(out_features, in_features)
+        self.big = max(out_features, in_features)
+        self.n = num_bases(out_features, in_features, r)
+        self.in_small = in_features <= out_features
+        self.scaling = alpha / r / (math.sqrt(self.n) if scale_sqrt_n else 1.0)
+        self.path = path
+        self.last_path = None
+        object.__setattr__(self, "bases", bases)  # a reference, not a submodule: stored once on the root
+        if init == "default":
+            lam = torch.zeros(self.n, r)
+            gam = torch.full((self.n, self.m), 1.0 / self.m)
+        elif init == "vision":
+            lam = torch.full((self.n, r), 1.0 / self.n)
+            gam = torch.zeros(self.n, self.m)
+        else:
+            raise ValueError(f"unknown RandLoRA init {init!r}; choose one of {INITS}")
+        self.lambda_ = nn.Parameter(lam)
+        self.gamma = nn.Parameter(gam)
+
+    def _slices(self, dtype=None):
+        a = self.bases.get("A", dtype)[:, : self.m]
+        b = self.bases.get("B", dtype)[: self.n * self.r, : self.big]
+        return a, b
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self._slices(self.lambda_.dtype)
+        sa = _ScaledBases.apply(self.lambda_, self.gamma, a)
+        dw = b.t() @ sa if self.in_small else sa.t() @ b
+        return dw * self.scaling
+
+    def choose_path(self, tokens: int, needs_grad: bool) -> str:
+        if self.path != "auto":
+            return self.path
+        o, i, k = self.out_features, self.in_features, self.n * self.r
+        if needs_grad:
+            factorised = 2 * tokens * k * (2 * o + 3 * i)
+            merged = 6 * o * i * k + 2 * tokens * o * i
+        else:
+            factorised = 2 * tokens * k * (o + i)
+            merged = 2 * o * i * k
+        return "merged" if merged < factorised else "factorised"
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self._slices()
+        dt = self.compute_dtype(x, self.lambda_)
+        return _Factorised.apply(x, self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
+
+    def linear(self, x: torch.Tensor, base: nn.Linear, dropout: nn.Module) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (self.lambda_.requires_grad or x.requires_grad)
+        path = self.choose_path(x.numel() // max(x.shape[-1], 1), needs_grad)
+        if not isinstance(dropout, nn.Identity) or base.weight.requires_grad:
+            path = "factorised"  # the update sees dropout(x) / a trained base needs its own grad
+        self.last_path = path
+        if path == "factorised":
+            out = base(x)
+            return out + self.branch(dropout(x)).to(out.dtype)
+        a, b = self._slices()
+        dt = self.compute_dtype(x, base.weight)
+        y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
+                          self.scaling, self.in_small, dt)
+        return y
+
+    @staticmethod
+    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
+        n = num_bases(out_features, in_features, r)
+        return n * (r + min(out_features, in_features))

@@ -1,0 +1,57 @@
+"""VeRA (Kopiczko et al. 2024): dW = s * diag(b) B diag(d) A.
+
+A (r x in_max) and B (out_max x r) are frozen Kaiming-uniform matrices shared by every
+adapted layer (each layer slices its ``[:, :in]`` / ``[:out, :]`` corner); the trainable
+vectors are b (out, init 0, so dW = 0 at init) and d (r, init ``d_init`` = 0.1).
+Trainable parameters per layer: out + r. ``s`` = alpha / r (alpha defaults to r, i.e. 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bases import SharedBases
+from .layers import Update
+
+
+def make_vera_bases(shapes: list[tuple[int, int]], r: int, seed: int) -> SharedBases:
+    out_max = max(o for o, _ in shapes)
+    in_max = max(i for _, i in shapes)
+    g = torch.Generator().manual_seed(int(seed))
+    # Kaiming-uniform with gain sqrt(2): bound sqrt(6 / fan_in)
+    a = (torch.rand(r, in_max, generator=g) * 2 - 1) * math.sqrt(6.0 / in_max)
+    b = (torch.rand(out_max, r, generator=g) * 2 - 1) * math.sqrt(6.0 / r)
+    spec = {"method": "vera", "seed": int(seed), "A": [r, in_max], "B": [out_max, r]}
+    return SharedBases({"A": a, "B": b}, spec)
+
+
+class VeRAUpdate(Update):
+    def __init__(self, out_features: int, in_features: int, r: int, scaling: float,
+                 bases: SharedBases, d_init: float = 0.1):
+        super().__init__()
+        self.out_features, self.in_features, self.r, self.scaling = out_features, in_features, r, scaling
+        object.__setattr__(self, "bases", bases)  # a reference, not a submodule: stored once on the root
+        self.vera_b = nn.Parameter(torch.zeros(out_features))
+        self.vera_d = nn.Parameter(torch.full((r,), float(d_init)))
+
+    def _slices(self, dtype=None):
+        a = self.bases.get("A", dtype)[:, : self.in_features]
+        b = self.bases.get("B", dtype)[: self.out_features, :]
+        return a, b
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self._slices()
+        return ((self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)) * self.scaling
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.compute_dtype(x, self.vera_b)
+        a, b = self._slices(dt)
+        h = F.linear(x.to(dt), a) * self.vera_d.to(dt)
+        return F.linear(h, b) * (self.vera_b.to(dt) * self.scaling)
+
+    @staticmethod
+    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
+        return out_features + r

@@ -1,0 +1,419 @@
+"""Invariants every adapter method must satisfy (written once, run for each method)."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from randlora.adapters import (adapter_state_dict, count_trainable, format_parameter_table, inject,
+                               load_adapter, load_adapter_state_dict, lora_equivalent_rank, match_budget,
+                               merge, parameter_table, save_adapter, shared_bases, unmerge)
+from randlora.adapters.core import adapted_layers
+from tests.conftest import TinyNet
+
+TARGETS = ["attn", "up", "down", "sq"]
+CASES = {
+    "lora": dict(r=4),
+    "vera": dict(r=16, seed=3),
+    "randlora": dict(r=4, seed=3),
+    "randlora_vision_init": dict(r=4, seed=3, init="vision", scale_sqrt_n=True),
+    "randlora_sparse": dict(r=4, seed=3, distribution="sparse"),
+    "randlora_merged": dict(r=3, seed=3, path="merged"),
+    "randlora_factorised": dict(r=3, seed=3, path="factorised", dropout=0.0),
+}
+
+
+def method_of(case):
+    return case.split("_")[0]
+
+
+def build(case, seed=0):
+    torch.manual_seed(seed)
+    m = TinyNet()
+    if case == "full":
+        return inject(m, "full")
+    return inject(m, method_of(case), target_modules=TARGETS, trainable_modules=["head"], **CASES[case])
+
+
+def train(model, batch, steps=3, lr=0.05):
+    x, y = batch
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+ALL = ["full", *CASES]
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_output_equals_base_at_init(case, batch):
+    torch.manual_seed(0)
+    base = TinyNet()
+    adapted = build(case)
+    torch.testing.assert_close(adapted(batch[0]), base(batch[0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_only_adapter_and_listed_params_change(case, batch):
+    model = build(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, batch)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    if case == "full":
+        assert "up.weight" in changed and "head.weight" in changed
+        return
+    adapter_keys = {k for k in changed if ".update." in k}
+    assert adapter_keys, "no adapter parameter changed"
+    assert changed - adapter_keys <= {"head.weight", "head.bias"}
+    assert {"head.weight", "head.bias"} & changed
+    # every adapted layer (attention in_proj included) received an update
+    for name, _ in adapted_layers(model):
+        assert any(k.startswith(name + ".update.") for k in changed), name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".update." in n or n.startswith("head.") for n in trainable)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_equals_unmerged_and_unmerge_restores(case, batch):
+    model = train(build(case), batch)
+    base_w = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    x = batch[0]
+    with torch.no_grad():
+        y = model(x)
+        merge(model)
+        merged_w = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+        assert any(not torch.equal(merged_w[k], base_w[k]) for k in base_w), "merge changed nothing"
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+        unmerge(model)
+        for k, v in model.state_dict().items():
+            if k in base_w:
+                torch.testing.assert_close(v, base_w[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_save_load_roundtrip_exact(case, batch, tmp_path):
+    model = train(build(case), batch)
+    x = batch[0]
+    with torch.no_grad():
+        y = model(x)
+    state = adapter_state_dict(model)
+    torch.manual_seed(123)  # a different global seed must not matter
+    fresh = TinyNet()
+    # the fresh model has the same pretrained weights as the adapted one's base
+    base_sd = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+               if ".update." not in k}
+    fresh.load_state_dict(base_sd, strict=True)
+    load_adapter_state_dict(fresh, state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+    # and through a safetensors file
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    fresh2 = TinyNet()
+    fresh2.load_state_dict(base_sd, strict=True)
+    load_adapter(fresh2, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh2(x), y, rtol=0, atol=0)
+
+
+def test_state_dict_holds_only_trained_tensors_and_bases_once():
+    model = build("randlora")
+    state = adapter_state_dict(model)
+    keys = [k for k in state if k != "__adapter_meta__"]
+    assert all(k.endswith(("lambda_", "gamma")) or k.startswith("head.") for k in keys)
+    assert not any(k.startswith("__bases__") for k in keys)
+    torch.manual_seed(0)
+    m2 = inject(TinyNet(), "randlora", target_modules=TARGETS, r=4, save_bases=True)
+    keys2 = [k for k in adapter_state_dict(m2) if k.startswith("__bases__")]
+    assert sorted(keys2) == ["__bases__.A", "__bases__.B"]
+
+
+def test_saved_bases_are_used_on_load(batch):
+    torch.manual_seed(0)
+    model = inject(TinyNet(), "randlora", target_modules=TARGETS, r=4, save_bases=True)
+    train(model, batch)
+    with torch.no_grad():
+        shared_bases(model).B.mul_(2.0)  # stored bases differ from what the seed regenerates
+        y = model(batch[0])
+    state = adapter_state_dict(model)
+    torch.manual_seed(0)
+    fresh = load_adapter_state_dict(TinyNet(), state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch[0]), y, rtol=0, atol=0)
+
+
+BASES_SCRIPT = """
+import hashlib, torch
+from randlora.adapters.randlora import make_randlora_bases
+from randlora.adapters.vera import make_vera_bases
+b = make_randlora_bases([(20, 12), (12, 20), (36, 12)], 4, 7)
+v = make_vera_bases([(20, 12), (12, 20)], 16, 7)
+h = hashlib.sha256()
+for t in (b.A, b.B, v.A, v.B):
+    h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_same_seed_same_bases_in_another_process():
+    out = [subprocess.run([sys.executable, "-c", BASES_SCRIPT], capture_output=True, text=True, check=True)
+           .stdout.strip() for _ in range(2)]
+    from randlora.adapters.randlora import make_randlora_bases
+    torch.manual_seed(999)
+    b = make_randlora_bases([(20, 12), (12, 20), (36, 12)], 4, 7)
+    assert out[0] == out[1] and len(out[0]) == 64
+    b2 = make_randlora_bases([(20, 12), (12, 20), (36, 12)], 4, 8)
+    assert not torch.equal(b.B, b2.B)
+
+
+def test_parameter_counts_equal_formulas():
+    shapes = {"attn": (36, 12), "up": (20, 12), "down": (12, 20), "sq": (12, 12)}
+    r = 4
+    for method, per in {
+        "lora": lambda o, i: r * (o + i),
+        "vera": lambda o, i: o + r,
+        "randlora": lambda o, i: -(-min(o, i) // r) * (r + min(o, i)),
+    }.items():
+        torch.manual_seed(0)
+        m = inject(TinyNet(), method, target_modules=TARGETS, r=r, trainable_modules=["head"])
+        expected = sum(per(o, i) for o, i in shapes.values())
+        head = 12 * 3 + 3
+        assert count_trainable(m) == expected + head, method
+        rows = {row["layer"]: row["trainable"] for row in parameter_table(m)}
+        assert rows == {k: per(*v) for k, v in shapes.items()}
+        assert lora_equivalent_rank(m) == pytest.approx(expected / sum(o + i for o, i in shapes.values()))
+        assert "total" in format_parameter_table(m)
+    full = inject(TinyNet(), "full")
+    assert count_trainable(full) == sum(p.numel() for p in TinyNet().parameters())
+
+
+def _delta(model, name):
+    return dict(adapted_layers(model))[name].update.delta_weight().detach()
+
+
+def test_randlora_update_is_full_rank_after_two_steps_lora_is_not(batch):
+    torch.manual_seed(0)
+    d = 32
+    # float64 so that numerical rank is exact rank (the two-step singular values are tiny but real)
+    rl = inject(nn.Sequential(nn.Linear(d, d), nn.Linear(d, 3)).double(), "randlora", target_modules=["0"], r=4)
+    lo = inject(nn.Sequential(nn.Linear(d, d), nn.Linear(d, 3)).double(), "lora", target_modules=["0"], r=4)
+    x, y = torch.randn(64, d, dtype=torch.float64), torch.randint(0, 3, (64,))
+    for model in (rl, lo):
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert torch.linalg.matrix_rank(_delta(rl, "0")) == d
+    assert torch.linalg.matrix_rank(_delta(lo, "0")) <= 4
+
+
+def _reference_delta(upd):
+    """dW = s * sum_j B_j diag(lambda_j) A diag(gamma_j), written as a plain loop over bases."""
+    a_all, b_all = upd.bases.A, upd.bases.B
+    r, m, big = upd.r, upd.m, upd.big
+    dw = torch.zeros(big, m, dtype=upd.lambda_.dtype)
+    for j in range(upd.n):
+        bj = b_all[j * r:(j + 1) * r, :big].t().to(dw.dtype)   # (M, r)
+        dw = dw + bj @ torch.diag(upd.lambda_[j]) @ a_all[:, :m].to(dw.dtype) @ torch.diag(upd.gamma[j])
+    dw = dw * upd.scaling
+    return dw if upd.in_small else dw.t()
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (12, 12)])
+@pytest.mark.parametrize("path", ["factorised", "merged"])
+def test_randlora_custom_backward_matches_autograd_float64(shape, path):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f).double()
+    model = inject(nn.Sequential(lin), "randlora", target_modules=["0"], r=3, path=path, init="vision")
+    layer = model[0]
+    with torch.no_grad():
+        layer.update.lambda_.normal_()
+        layer.update.gamma.normal_()
+    x = torch.randn(2, 7, in_f, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 7, out_f, dtype=torch.float64)
+    y = model(x)
+    assert layer.update.last_path == path
+    gx, gl, gg = torch.autograd.grad(y, (x, layer.update.lambda_, layer.update.gamma), gy)
+    # reference: plain autograd through the loop formula
+    lam = layer.update.lambda_.detach().clone().requires_grad_()
+    gam = layer.update.gamma.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    upd = layer.update
+    orig = (upd.lambda_, upd.gamma)
+    upd._parameters["lambda_"], upd._parameters["gamma"] = lam, gam  # swap in graph leaves
+    try:
+        w = layer.base_layer.weight + _reference_delta(upd)
+    finally:
+        upd._parameters["lambda_"], upd._parameters["gamma"] = orig
+    y_ref = nn.functional.linear(x2, w, layer.base_layer.bias)
+    rx, rl, rg = torch.autograd.grad(y_ref, (x2, lam, gam), gy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gl, rl)
+    torch.testing.assert_close(gg, rg)
+    torch.testing.assert_close(upd.delta_weight(), _reference_delta(upd))
+    torch.autograd.gradcheck(lambda t: model(t), (torch.randn(3, in_f, dtype=torch.float64, requires_grad=True),))
+
+
+def test_randlora_auto_path_picks_by_token_count():
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Linear(64, 64)), "randlora", target_modules=["0"], r=4)
+    upd = model[0].update
+    model(torch.randn(2, 64))
+    assert upd.last_path == "factorised"
+    model(torch.randn(4096, 64))
+    assert upd.last_path == "merged"
+
+
+@pytest.mark.parametrize("dist,s,zero_frac", [("sparse", 6, 1 - 2 / 6), ("sparse", 20, 0.9),
+                                              ("binary", None, 0.0), ("very_sparse", None, None)])
+def test_sparse_bases_have_requested_zero_fraction(dist, s, zero_frac):
+    from randlora.adapters.randlora import make_randlora_bases
+    b = make_randlora_bases([(400, 256)], 4, 0, dist, s)
+    if zero_frac is None:  # very_sparse: s = sqrt(min dim) = 16 -> 1 - 2/16
+        zero_frac = 1 - 2 / 16
+        assert b.spec["sparsity"] == 16
+    frac = (b.B == 0).float().mean().item()
+    assert abs(frac - zero_frac) < 0.01
+    assert abs(b.B.var().item() - 1) < 0.05
+    assert set(torch.unique(b.B.abs()).tolist()) <= {0.0, b.B.abs().max().item()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_autocast_runs(case, batch):
+    model = build(case)
+    x, y = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".update." in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "randlora"])
+def test_attention_in_proj_adapters_get_gradients(method, batch):
+    torch.manual_seed(0)
+    model = inject(TinyNet(), method, target_modules=["attn"], r=4)
+    # make the update non-zero so every parameter of it sits on the gradient path
+    train(model, batch, steps=1)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    grads = [p.grad for p in model.attn.update.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_bases_shared_not_copied():
+    model = build("randlora")
+    ptrs = {layer.update.bases.B.data_ptr() for _, layer in adapted_layers(model)}
+    assert len(ptrs) == 1 and ptrs == {shared_bases(model).B.data_ptr()}
+    assert not any("shared_bases" in k for k in model.state_dict())
+
+
+def test_match_budget_picks_closest_rank():
+    torch.manual_seed(0)
+    m = TinyNet()
+    for method in ("lora", "randlora", "vera"):
+        for budget in (300, 900):
+            opts = match_budget(m, method, budget, target_modules=TARGETS)
+            got = opts.pop("expected_trainable")
+            adapted = inject(copy.deepcopy(m), method, **opts)
+            assert count_trainable(adapted) == got
+            # no other rank is closer
+            for r in range(1, 13):
+                try:
+                    other = match_budget(m, method, got, target_modules=TARGETS)
+                except ValueError:
+                    continue
+                assert other["r"] == opts["r"]
+    assert not any(isinstance(x, nn.Module) and hasattr(x, "update") for x in m.modules())
+
+
+# ------------------------------------------------------------------------------- bad input
+BAD = [
+    (dict(method="dora"), "unknown adapter method"),
+    (dict(method="lora", r=0), "positive integer"),
+    (dict(method="lora", r=-2), "positive integer"),
+    (dict(method="lora", r=13), "r <= 12"),
+    (dict(method="randlora", r=50), "r <= 12"),
+    (dict(method="lora", alpha=-1.0), "alpha"),
+    (dict(method="lora", target_modules=["q_proj"]), "no module matched"),
+    (dict(method="lora", target_modules=[]), "target_modules is empty"),
+    (dict(method="lora", target_modules=["attn.out_proj"]), "out_proj"),
+    (dict(method="lora", target_modules="up|down|(a[)"), "regex"),
+    (dict(method="randlora", distribution="cauchy"), "distribution"),
+    (dict(method="randlora", sparsity=1), "sparsity"),
+    (dict(method="lora", bogus=1), "unknown option"),
+    (dict(method="lora", trainable_modules=["nohead"]), "trainable_modules"),
+    (dict(method="lora", trainable_modules=["up"]), "both adapter targets and trainable_modules"),
+]
+
+
+@pytest.mark.parametrize("kwargs,msg", BAD)
+def test_bad_input_raises_before_modifying(kwargs, msg):
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = {k: (v.clone(), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method")
+    kwargs.setdefault("target_modules", TARGETS)
+    with pytest.raises(ValueError, match=msg):
+        inject(model, method, **kwargs)
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) and after[k].requires_grad == g for k, (v, g) in before.items())
+    assert not hasattr(model, "_adapter_meta")
+
+
+def test_no_match_lists_candidates():
+    with pytest.raises(ValueError, match=r"adaptable layer names.*'up'"):
+        inject(TinyNet(), "lora", target_modules=["q_proj"])
+
+
+def test_unsupported_layer_type_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="Conv2d"):
+        inject(model, "lora", target_modules=["0"], r=2)
+
+
+@pytest.mark.parametrize("other", [dict(method="lora", r=4), dict(method="randlora", r=4, seed=4),
+                                   dict(method="randlora", r=3, seed=3)])
+def test_loading_mismatched_adapter_is_refused(other):
+    src = build("randlora")
+    state = adapter_state_dict(src)
+    torch.manual_seed(0)
+    dst = inject(TinyNet(), other.pop("method"), target_modules=TARGETS, trainable_modules=["head"], **other)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match="does not match"):
+        load_adapter_state_dict(dst, state)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_loading_into_model_of_other_shape_is_refused():
+    state = adapter_state_dict(build("lora"))
+    with pytest.raises(ValueError, match="shapes differ"):
+        load_adapter_state_dict(TinyNet(hidden=24), state)
+
+
+def test_truncated_adapter_file_is_refused(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_adapter(build("lora"), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    fresh = TinyNet()
+    with pytest.raises(ValueError, match="cannot read adapter file"):
+        load_adapter(fresh, path)
+    assert not hasattr(fresh, "_adapter_meta")
+
+
+def test_double_injection_is_refused():
+    model = build("lora")
+    with pytest.raises(ValueError, match="already carries"):
+        inject(model, "randlora", target_modules=TARGETS)
