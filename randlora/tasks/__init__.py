@@ -1,0 +1,1 @@
+"""LightningModules that own the loss and the metrics of each kind of experiment."""

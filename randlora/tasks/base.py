@@ -1,0 +1,135 @@
+"""What every task shares: adapter injection from the config, parameter accounting, the
+optimiser and schedule of the paper, lean checkpoints, and random-basis checks across ranks."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
+                        match_budget, shared_bases)
+from ..adapters.core import adapter_meta, adapted_layers
+
+# keys of the adapter config that are not options of inject()
+_NOT_OPTIONS = {"method", "budget", "lr", "lr_by_task", "weight_decay", "target_modules", "trainable_modules", "name"}
+
+
+def adapter_kwargs(adapter_cfg, default_targets, trainable_modules=None) -> tuple[str, dict]:
+    """(method, kwargs for inject) from an ``adapter`` config node."""
+    cfg = OmegaConf.to_container(adapter_cfg, resolve=True) if isinstance(adapter_cfg, DictConfig) else dict(adapter_cfg)
+    method = cfg["method"]
+    opts = {k: v for k, v in cfg.items() if k not in _NOT_OPTIONS and v is not None}
+    targets = cfg.get("target_modules") or default_targets
+    kw = dict(opts)
+    if method != "full":
+        kw["target_modules"] = targets
+        if trainable_modules:
+            kw["trainable_modules"] = trainable_modules
+    return method, kw
+
+
+def apply_adapter(module: torch.nn.Module, adapter_cfg, default_targets, trainable_modules=None) -> dict:
+    """Inject the configured adapter (picking r from ``adapter.budget`` if set); return its facts."""
+    method, kw = adapter_kwargs(adapter_cfg, default_targets, trainable_modules)
+    budget = adapter_cfg.get("budget")
+    if budget is not None:
+        picked = match_budget(module, method, float(budget), **{k: v for k, v in kw.items() if k != "r"})
+        picked.pop("expected_trainable")
+        kw["r"] = picked["r"]
+    inject(module, method, **kw)
+    return {"method": method, "r": kw.get("r"), "budget": None if budget is None else float(budget)}
+
+
+def bases_checksum(module) -> str | None:
+    b = shared_bases(module)
+    if b is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(b._buffers):
+        h.update(b._buffers[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class AdapterTask(L.LightningModule):
+    """Base class. Subclasses build ``self.net`` (the adapted module) in ``__init__``."""
+
+    def __init__(self, optim: dict, adapter_info: dict | None = None):
+        super().__init__()
+        self.optim = dict(optim)
+        self.adapter_info = adapter_info or {}
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self.bases_checksum = None
+
+    # -- accounting
+    def parameter_summary(self) -> dict:
+        net = self.net
+        trainable, total = count_trainable(net), count_total(net)
+        out = {"trainable": trainable, "total": total, "ratio": trainable / total if total else float("nan")}
+        if self.adapter_info.get("method") not in (None, "full"):
+            adapter = sum(p.numel() for _, layer in adapted_layers(net) for p in layer.update.parameters())
+            out["adapter"] = adapter
+            out["lora_equivalent_rank"] = lora_equivalent_rank(net)
+        else:
+            out["adapter"] = trainable
+            out["lora_equivalent_rank"] = None
+        return out
+
+    def parameter_table_text(self) -> str:
+        return "" if self.adapter_info.get("method") == "full" else format_parameter_table(self.net)
+
+    def on_fit_start(self):
+        self.bases_checksum = bases_checksum(self.net)
+        if self.bases_checksum is not None and self.trainer.world_size > 1:
+            mine = torch.tensor([int(self.bases_checksum, 16)], dtype=torch.float64, device=self.device)
+            every = self.all_gather(mine).flatten()
+            if not torch.all(every == every[0]):
+                raise RuntimeError("random bases differ across DDP ranks; the adapter seed must be identical")
+        ps = {f"params/{k}": float(v) for k, v in self.parameter_summary().items() if v is not None}
+        if self.trainer.is_global_zero:
+            for lg in self.loggers:
+                lg.log_metrics(ps, step=0)
+                lg.log_hyperparams({"adapter": self.adapter_info, **ps})
+
+    # -- optimisation (paper: AdamW, cosine from the peak LR down to 1 % of it, optional warmup)
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(self.optim["lr"]), weight_decay=float(self.optim["weight_decay"]),
+                                betas=tuple(self.optim.get("betas", (0.9, 0.999))))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.optim.get("warmup_steps", 0))
+        floor = float(self.optim.get("min_lr_ratio", 0.01))
+        schedule = self.optim.get("schedule", "cosine")
+
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            if schedule == "constant":
+                return 1.0
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            if schedule == "linear":
+                return 1.0 - (1.0 - floor) * t
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: keep trained tensors only (frozen weights come from the model source)
+    def on_save_checkpoint(self, checkpoint):
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        sd = checkpoint["state_dict"]
+        keep = {k: v for k, v in sd.items() if k in trained}
+        if self.adapter_info.get("method") == "full":
+            keep = sd
+        checkpoint["state_dict"] = keep
+        checkpoint["adapter_meta"] = adapter_meta(self.net) if hasattr(self.net, "_adapter_meta") else None
+        checkpoint["bases_checksum"] = bases_checksum(self.net)
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("bases_checksum")
+        mine = bases_checksum(self.net)
+        if saved is not None and mine is not None and saved != mine:
+            raise ValueError(f"checkpoint was trained with other random bases (checksum {saved}, this run "
+                             f"{mine}); resume with the same adapter.seed and targets")

@@ -1,0 +1,58 @@
+"""Image classification: a (frozen, adapted) backbone plus a trainable linear head."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .base import AdapterTask, apply_adapter
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class ClassificationTask(AdapterTask):
+    def __init__(self, bundle, num_classes: int, adapter_cfg, optim: dict, label_smoothing: float = 0.0,
+                 head_seed: int = 0):
+        torch.manual_seed(head_seed)
+        net = Classifier(bundle.backbone, bundle.feature_dim, num_classes)
+        info = apply_adapter(net, adapter_cfg, list(bundle.default_targets), trainable_modules=["head"])
+        super().__init__(optim, info)
+        self.net = net
+        self.label_smoothing = label_smoothing
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval(self, batch, metric, stage):
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch, _):
+        self._eval(batch, self.val_acc, "val")
+
+    def test_step(self, batch, _):
+        self._eval(batch, self.test_acc, "test")

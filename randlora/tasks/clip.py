@@ -1,0 +1,109 @@
+"""CLIP vision-language fine-tuning (paper §4.2): both towers adapted, classes scored by the text
+embeddings of class-name prompts.
+
+Training loss (``loss``):
+* ``in_batch`` (default): image-to-text cross-entropy over the prompts of the *distinct* classes in
+  the batch (the paper's in-batch objective, with duplicate classes merged so that two images of one
+  class do not compete against identical logits, a quirk of the official code).
+* ``in_batch_official``: the official code's form, one prompt per image, target = first occurrence.
+* ``all_classes``: cross-entropy over every class prompt (exact, costs a text pass over all classes).
+
+``logit_scale``: ``exp`` (default) multiplies cosine similarities by exp(logit_scale) = 100, CLIP's
+trained temperature; ``raw`` multiplies by logit_scale itself (about 4.6), as the official code did.
+Evaluation always scores every class. ``text_tower: frozen`` is the vision-only variant: only the
+image tower is adapted and the zero-shot text head is computed once and kept frozen.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from .base import AdapterTask, apply_adapter
+
+
+class ClipTask(AdapterTask):
+    def __init__(self, bundle, class_names, adapter_cfg, optim: dict, prompt: str = "An image of {}.",
+                 loss: str = "in_batch", logit_scale: str = "exp", text_tower: str = "train"):
+        if loss not in ("in_batch", "in_batch_official", "all_classes"):
+            raise ValueError(f"task.loss={loss!r}; choose in_batch, in_batch_official or all_classes")
+        if logit_scale not in ("exp", "raw"):
+            raise ValueError(f"task.logit_scale={logit_scale!r}; choose exp or raw")
+        if text_tower not in ("train", "frozen"):
+            raise ValueError(f"task.text_tower={text_tower!r}; choose train or frozen")
+        net = bundle.backbone
+        targets = list(bundle.default_targets)
+        if text_tower == "frozen":  # adapt the image tower only
+            alt = "|".join(t.replace(".", r"\.") for t in targets)
+            targets = rf"visual\..*\.({alt})"
+        info = apply_adapter(net, adapter_cfg, targets)
+        if info["method"] != "full":
+            net.logit_scale.requires_grad_(False)
+        super().__init__(optim, info)
+        self.net = net
+        self.tokenizer = bundle.tokenizer
+        self.class_names = list(class_names)
+        self.prompts = [prompt.format(c) for c in self.class_names]
+        self.loss_kind, self.scale_kind, self.text_tower = loss, logit_scale, text_tower
+        self.register_buffer("prompt_tokens", self.tokenizer(self.prompts), persistent=False)
+        self._frozen_head = None
+        n = len(self.class_names)
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+
+    def _scale(self):
+        s = self.net.logit_scale
+        return s.exp() if self.scale_kind == "exp" else s
+
+    def encode_text(self, idx):
+        return F.normalize(self.net.encode_text(self.prompt_tokens[idx]), dim=-1)
+
+    def class_head(self):
+        if self.text_tower == "frozen":
+            if self._frozen_head is None:
+                with torch.no_grad():
+                    self._frozen_head = self.encode_text(torch.arange(len(self.prompts), device=self.device))
+            return self._frozen_head
+        return self.encode_text(torch.arange(len(self.prompts), device=self.device))
+
+    def forward(self, images):
+        img = F.normalize(self.net.encode_image(images), dim=-1)
+        return self._scale() * img @ self.class_head().t()
+
+    def training_step(self, batch, _):
+        x, y = batch
+        img = F.normalize(self.net.encode_image(x), dim=-1)
+        if self.loss_kind == "all_classes" or self.text_tower == "frozen":
+            logits, target = self._scale() * img @ self.class_head().t(), y
+        elif self.loss_kind == "in_batch":
+            classes, target = torch.unique(y, return_inverse=True)
+            logits = self._scale() * img @ self.encode_text(classes).t()
+        else:  # official: one prompt per image, target = first image of the same class
+            logits = self._scale() * img @ self.encode_text(y).t()
+            target = (y[:, None] == y[None, :]).float().argmax(dim=1)
+        loss = F.cross_entropy(logits, target)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._eval_head = None
+
+    def _eval(self, batch, metric, stage):
+        x, y = batch
+        if getattr(self, "_eval_head", None) is None:  # text features once per evaluation pass
+            with torch.no_grad():
+                self._eval_head = self.class_head()
+        img = F.normalize(self.net.encode_image(x), dim=-1)
+        logits = self._scale() * img @ self._eval_head.t()
+        metric(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def on_test_epoch_start(self):
+        self._eval_head = None
+
+    def validation_step(self, batch, _):
+        self._eval(batch, self.val_acc, "val")
+
+    def test_step(self, batch, _):
+        self._eval(batch, self.test_acc, "test")

@@ -1,0 +1,270 @@
+"""The Hydra entry point: compose, validate, seed, build, fit, test, write results.
+
+    python train.py                                       # the quickstart (tiny ViT, digits, CPU)
+    python train.py adapter=lora model=clip_vitb32 data=food101
+    python train.py -m adapter=lora,randlora adapter.budget=1e5,4e5
+
+Every run folder holds ``results.json`` (docs/results-schema.md), ``checkpoints/last.ckpt``
+(resumable), ``checkpoints/adapter.safetensors`` (adapter only), CSV metrics and the Hydra config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+OmegaConf.register_new_resolver("uniq", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+OmegaConf.register_new_resolver("project_root", lambda: PROJECT_ROOT, replace=True)
+
+
+class UserError(Exception):
+    """A problem with the request (config, weights, data): printed as one message, no traceback."""
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def output_dir(cfg) -> Path:
+    # DDP children re-run this script; they must write into the parent's folder
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RANDLORA_RUN_DIR"):
+        return Path(os.environ["RANDLORA_RUN_DIR"])
+    return Path(cfg.paths.output_dir).resolve()
+
+
+def resolve_resume(cfg) -> str | None:
+    if cfg.get("resume"):
+        run = Path(cfg.resume)
+        ckpt = run / "checkpoints" / "last.ckpt" if run.is_dir() else run
+        if not ckpt.is_file():
+            raise UserError(f"resume={cfg.resume}: no checkpoint at {ckpt} (a run folder must contain "
+                            "checkpoints/last.ckpt)")
+        return str(ckpt)
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    return None
+
+
+def build_datamodule(cfg):
+    from .data.images import ImageDataModule
+    from .models import CLIP_MEAN, CLIP_STD
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    kind = cfg.task.kind
+    if kind == "causal_lm":
+        from .data.commonsense import InstructionDataModule
+        return InstructionDataModule(**d)
+    d.setdefault("image_size", cfg.model.get("image_size") or 224)
+    d["image_size"] = cfg.model.get("image_size") or d["image_size"]
+    d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
+    return ImageDataModule(**d)
+
+
+def build_task(cfg, bundle, dm):
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    kind = cfg.task.kind
+    if bundle.kind == "vision" and kind == "classification":
+        from .tasks.classification import ClassificationTask
+        return ClassificationTask(bundle, dm.num_classes, cfg.adapter, optim,
+                                  label_smoothing=cfg.task.label_smoothing, head_seed=cfg.seed)
+    if bundle.kind == "clip" and kind == "clip":
+        from .tasks.clip import ClipTask
+        return ClipTask(bundle, dm.class_names, cfg.adapter, optim, prompt=cfg.task.prompt, loss=cfg.task.loss,
+                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower)
+    if bundle.kind == "causal_lm" and kind == "causal_lm":
+        from .tasks.causal_lm import CausalLMTask
+        return CausalLMTask(bundle, cfg.adapter, optim, cfg.task)
+    raise UserError(f"task {kind!r} does not fit a {bundle.kind} model ({cfg.model.name})")
+
+
+def trainer_kwargs(cfg, dm) -> dict:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if t.get("max_epochs") is None:
+        shots = cfg.data.get("shots")
+        t["max_epochs"] = int(cfg.data.get("few_shot_epochs" if shots else "epochs", 1) or 1)
+    eff = cfg.get("effective_batch_size")
+    if eff:
+        per_step = int(cfg.data.batch_size) * _world_size(t)
+        if eff % per_step:
+            raise UserError(f"effective_batch_size={eff} is not a multiple of data.batch_size x devices "
+                            f"= {per_step}; choose a multiple")
+        t["accumulate_grad_batches"] = eff // per_step
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _world_size(t) -> int:
+    dev = t.get("devices", 1)
+    if isinstance(dev, int) and dev > 0:
+        n = dev
+    elif isinstance(dev, (list, tuple)):
+        n = len(dev)
+    else:
+        import torch
+        n = max(1, torch.cuda.device_count())
+    return n * int(t.get("num_nodes", 1) or 1)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and test one configuration; return the results dict (also written to results.json)."""
+    import lightning as L
+    import torch
+
+    from .adapters import adapter_meta
+    from .callbacks import AdapterCheckpoint, PerfMonitor
+    from .loggers import build_loggers, finish_wandb
+    from .models import build_model
+    from .validate import effective_lr, validate_config
+
+    out = output_dir(cfg)
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    os.environ["RANDLORA_RUN_DIR"] = str(out)
+    results_path = out / "results.json"
+    overrides = _overrides()
+    results = {"status": "running", "error": None, "method": cfg.adapter.method, "model": cfg.model.name,
+               "dataset": cfg.data.name, "task": cfg.task.kind, "seed": int(cfg.seed), "r": cfg.adapter.get("r"),
+               "budget": cfg.adapter.get("budget"), "shots": cfg.data.get("shots"),
+               "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group"), "params": {}, "metrics": {},
+               "perf": {}, "run_dir": str(out), "overrides": overrides,
+               "config": OmegaConf.to_container(cfg, resolve=False)}
+    try:
+        validate_config(cfg)  # cheap checks first: nothing is built before they pass
+        with open_dict(cfg):
+            cfg.optim.lr = float(effective_lr(cfg))
+        ckpt = resolve_resume(cfg)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        dm = build_datamodule(cfg)
+        dm.setup("fit")  # data errors (labels, shots) surface before the model is built
+        bundle = build_model(cfg.model)
+        task = build_task(cfg, bundle, dm)
+        results["r"] = task.adapter_info.get("r")
+        results["params"] = task.parameter_summary()
+        if rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(results_path, results)
+            table = task.parameter_table_text()
+            if table:
+                (out / "parameters.txt").write_text(table + "\n")
+        run_name = f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+        loggers, notes = build_loggers(cfg, str(out), run_name)
+        perf = PerfMonitor()
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        ck = cfg.callbacks.checkpoint
+        callbacks = [perf, ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last,
+                                           every_n_epochs=ck.every_n_epochs, save_top_k=0)]
+        if cfg.callbacks.adapter_checkpoint:
+            callbacks.append(AdapterCheckpoint(str(out / "checkpoints")))
+        trainer = L.Trainer(**trainer_kwargs(cfg, dm), logger=loggers, callbacks=callbacks,
+                            default_root_dir=str(out), enable_model_summary=False)
+        t0 = time.time()
+        if cfg.train:
+            trainer.fit(task, datamodule=dm, ckpt_path=ckpt)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        if cfg.test:
+            for row in trainer.test(task, datamodule=dm, verbose=False):
+                metrics.update({k: float(v) for k, v in row.items()})
+        results["metrics"] = _finite_check(metrics)
+        results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
+        results["bases_checksum"] = task.bases_checksum
+        results["status"] = "completed"
+        if rank0:
+            write_json_atomic(results_path, results)
+            _print_summary(results, notes)
+        return results
+    except BaseException as e:
+        results["status"] = "failed"
+        results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if rank0:
+            try:
+                write_json_atomic(results_path, results)
+            except OSError:
+                pass
+        raise
+    finally:
+        finish_wandb()
+
+
+def _finite_check(metrics: dict) -> dict:
+    import math
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if any(k.endswith("loss") for k in bad):
+        raise FloatingPointError(f"non-finite {', '.join(bad)} at the end of training; lower the learning "
+                                 "rate or the adapter scaling (alpha)")
+    return metrics
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
+def _print_summary(results: dict, notes: list[str]) -> None:
+    p, m = results["params"], results["metrics"]
+    lines = ["", f"== {results['method']} on {results['model']} / {results['dataset']} (seed {results['seed']})"]
+    if "test/acc" in m:
+        lines.append(f"test accuracy      {m['test/acc']:.4f}")
+    if "val/acc" in m:
+        lines.append(f"val accuracy       {m['val/acc']:.4f}")
+    lines.append(f"trainable params   {p['trainable']:,} of {p['total']:,} ({100 * p['ratio']:.3f} %)")
+    if p.get("lora_equivalent_rank") is not None:
+        lines.append(f"adapter params     {p['adapter']:,}  (r = {results['r']}, LoRA-equivalent rank "
+                     f"{p['lora_equivalent_rank']:.2f})")
+    perf = results.get("perf", {})
+    if perf.get("samples_per_s"):
+        lines.append(f"throughput         {perf['samples_per_s']:.1f} samples/s, peak memory "
+                     f"{perf['peak_memory_mb']:.0f} MB")
+    lines.append(f"run folder         {results['run_dir']}")
+    lines += notes
+    print("\n".join(lines), flush=True)
+
+
+def is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig):
+    from .models import SourceUnavailableError
+    expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
+    try:
+        results = run(cfg)
+    except expected as e:
+        msg = f"error: {e}"
+        if os.environ.get("RANDLORA_TRACEBACK"):
+            raise
+        print(msg, file=sys.stderr, flush=True)
+        if is_multirun():  # one failed job must not stop the sweep; results.json says "failed"
+            return float("nan")
+        sys.exit(2)
+    except Exception:
+        if is_multirun():
+            import traceback
+            traceback.print_exc()
+            return float("nan")
+        raise
+    metric = cfg.get("optimized_metric")
+    return results["metrics"].get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Checks of a composed config that run before anything is built or loaded.
+
+Each failure is a ``ValueError`` with one line that says what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf
+
+from .adapters import METHODS, resolve_options
+
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine")
+SOURCES = ("digits", "synthetic", "hf", "imagefolder", "instructions")
+FAMILIES = ("timm", "open_clip", "hf_causal_lm")
+TASKS = ("classification", "clip", "causal_lm")
+FRAMEWORK_KEYS = {"method", "budget", "lr", "lr_by_task", "weight_decay", "target_modules", "trainable_modules", "name"}
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def effective_lr(cfg):
+    """optim.lr if set, else adapter.lr, else the paper's LR for this method and task kind."""
+    for v in (cfg.optim.get("lr"), cfg.adapter.get("lr")):
+        if v is not None:
+            return v
+    table = cfg.adapter.get("lr_by_task") or {}
+    return table.get(cfg.task.kind)
+
+
+def validate_config(cfg) -> None:
+    a = OmegaConf.to_container(cfg.adapter, resolve=True)
+    method = a.get("method")
+    if method not in METHODS:
+        raise ValueError(f"adapter.method={method!r} is unknown; choose one of {list(METHODS)} (e.g. adapter=lora)")
+    opts = {k: v for k, v in a.items() if k not in FRAMEWORK_KEYS and v is not None}
+    try:
+        resolve_options(method, opts)
+    except ValueError as e:
+        raise ValueError(f"adapter: {e}") from None
+    lr = effective_lr(cfg)
+    if not (_num(lr) and lr > 0):
+        raise ValueError(f"adapter.lr={lr!r} must be a positive number")
+    if not (_num(a.get("weight_decay", 0)) and a.get("weight_decay", 0) >= 0):
+        raise ValueError(f"adapter.weight_decay={a.get('weight_decay')!r} must be >= 0")
+    budget = a.get("budget")
+    if budget is not None:
+        if method == "full":
+            raise ValueError("adapter.budget is meaningless for full fine-tuning (every parameter trains); drop it")
+        if not (_num(budget) and budget > 0):
+            raise ValueError(f"adapter.budget={budget!r} must be a positive number of parameters (e.g. 1e6)")
+    tm = a.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and len(tm) == 0:
+        raise ValueError("adapter.target_modules=[] adapts nothing; use null for the model's default targets")
+
+    m = cfg.model
+    if m.get("family") not in FAMILIES:
+        raise ValueError(f"model.family={m.get('family')!r} is unknown; choose one of {list(FAMILIES)}")
+    kind = cfg.task.kind
+    if kind not in TASKS:
+        raise ValueError(f"task.kind={kind!r} is unknown; choose one of {list(TASKS)}")
+    if (m.family == "hf_causal_lm") != (kind == "causal_lm"):
+        raise ValueError(f"task {kind!r} does not fit model {m.name!r} ({m.family}); use the model's task")
+
+    d = cfg.data
+    src = d.get("source")
+    if src not in SOURCES:
+        raise ValueError(f"data.source={src!r} is unknown; choose one of {list(SOURCES)}")
+    if src == "hf" and not (d.get("hub_id") or d.get("path")):
+        raise ValueError(f"dataset {d.name!r} needs data.hub_id=<hub id> or data.path=<local folder>")
+    if src == "imagefolder" and not d.get("path"):
+        raise ValueError("data.source=imagefolder needs data.path=<folder with train/ and test/ class folders>")
+    shots = d.get("shots")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0):
+        raise ValueError(f"data.shots={shots!r} must be a positive integer (images per class) or null")
+    frac = d.get("fraction", 1.0)
+    if not (_num(frac) and 0 < frac <= 1):
+        raise ValueError(f"data.fraction={frac!r} must be in (0, 1]")
+    bs = d.get("batch_size")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+        raise ValueError(f"data.batch_size={bs!r} must be a positive integer")
+
+    o = cfg.optim
+    if o.get("schedule") not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule={o.get('schedule')!r}; choose cosine, linear or constant")
+    if not (_num(o.get("warmup_steps", 0)) and o.get("warmup_steps", 0) >= 0):
+        raise ValueError(f"optim.warmup_steps={o.get('warmup_steps')!r} must be >= 0")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    eff = cfg.get("effective_batch_size")
+    if eff is not None and (isinstance(eff, bool) or not isinstance(eff, int) or eff <= 0):
+        raise ValueError(f"effective_batch_size={eff!r} must be a positive integer or null")
+    _check_hardware(cfg.trainer)
+
+
+def _check_hardware(t) -> None:
+    import torch
+    prec = str(t.get("precision"))
+    if prec not in PRECISIONS:
+        raise ValueError(f"trainer.precision={prec!r} is unknown; choose one of {list(PRECISIONS)}")
+    acc = t.get("accelerator", "auto")
+    cuda = torch.cuda.is_available()
+    if acc in ("gpu", "cuda") and not cuda:
+        raise ValueError(f"trainer.accelerator={acc} but no CUDA GPU is visible; use trainer=cpu (or trainer=ddp_cpu)")
+    on_cpu = acc == "cpu" or (acc == "auto" and not cuda)
+    if on_cpu and prec in ("16-mixed", "16-true"):
+        raise ValueError(f"trainer.precision={prec} is not supported on the CPU; use bf16-mixed or 32-true")
+    if not on_cpu and prec.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"trainer.precision={prec} needs a GPU with bf16 (Ampere or newer); use 16-mixed")
+    dev = t.get("devices", 1)
+    if not on_cpu and isinstance(dev, int) and dev > torch.cuda.device_count():
+        raise ValueError(f"trainer.devices={dev} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if on_cpu and isinstance(dev, int) and dev > 1 and t.get("strategy") in ("auto", None):
+        raise ValueError(f"trainer.devices={dev} on the CPU needs trainer.strategy=ddp (see trainer=ddp_cpu)")
