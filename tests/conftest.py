@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # robust to other processes on 2 cores (OpenMP oversubscription is 50x slower)
 
 
 class TinyNet(nn.Module):

@@ -1,0 +1,231 @@
+"""The training framework end to end: composition, every method on the tiny models, resume,
+DDP on CPU, offline behaviour and bad input."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from randlora.models import build_model
+from randlora.train import build_datamodule, build_task, run
+from tests.helpers import FAST, ROOT, compose_cfg, results, train_cli
+
+METHODS = ["full", "lora", "vera", "randlora", "randlora_sparse"]
+
+
+def test_plain_train_equals_quickstart_experiment():
+    from omegaconf import OmegaConf
+    a = OmegaConf.to_container(compose_cfg([]), resolve=False)
+    b = OmegaConf.to_container(compose_cfg(["experiment=quickstart"]), resolve=False)
+    for key in ("model", "data", "adapter", "trainer", "logger", "optim", "task"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("model", ["clip_vitb32", "clip_vitl14", "clip_vith14", "dinov2_vitb14", "vit_b16",
+                                   "llama3_8b", "qwen2_0_5b", "phi3_mini", "tiny_clip", "tiny_vit", "tiny_llama"])
+def test_every_model_config_composes(model):
+    cfg = compose_cfg([f"model={model}"])
+    assert cfg.model.targets and cfg.task.kind == cfg.model.task
+
+
+def test_every_data_config_composes():
+    names = sorted(p.stem for p in (ROOT / "configs" / "data").glob("*.yaml"))
+    paper = ["caltech101", "caltech256", "cars", "cifar10", "cifar100", "country211", "cub200", "dtd", "eurosat",
+             "fgvc_aircraft", "flowers102", "food101", "gtsrb", "imagenet", "mnist", "oxford_pets", "pascal_voc",
+             "resisc45", "stl10", "sun397", "svhn", "ucf101"]
+    assert set(paper) <= set(names)
+    for n in paper:
+        cfg = compose_cfg([f"data={n}", "model=clip_vitb32"])
+        assert cfg.data.num_classes > 1 and cfg.data.epochs > 0 and cfg.data.hub_id
+
+
+def test_used_by_command_builds_clip_vitb32_on_meta_with_paper_counts():
+    """`adapter=randlora model=clip_vitb32 data=food101` composes; the architecture built on the meta
+    device gets the paper's parameter counts (RandLoRA-6 ~5.2M vs LoRA-32 ~6.9M, randlora-method §1.7)."""
+    import open_clip
+
+    from randlora.adapters import count_trainable, inject
+    counts = {}
+    for method, r in (("randlora", 6), ("lora", 32)):
+        cfg = compose_cfg([f"adapter={method}", "model=clip_vitb32", "data=food101"])
+        assert cfg.adapter.method == method and cfg.data.num_classes == 101 and cfg.data.epochs == 15
+        with torch.device("meta"):
+            model = open_clip.CLIP(**open_clip.get_model_config(cfg.model.arch))
+        inject(model, method, target_modules=list(cfg.model.targets), r=r)
+        counts[method] = count_trainable(model)
+    assert 5.0e6 < counts["randlora"] < 5.4e6
+    assert 6.7e6 < counts["lora"] < 7.1e6
+
+
+def test_cfg_job_prints_composed_config():
+    out = train_cli(["adapter=randlora", "model=clip_vitb32", "data=food101", "--cfg", "job"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "method: randlora" in out.stdout and "arch: ViT-B-32" in out.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_clip_digits_trains_and_only_expected_params_change(method, tmp_path):
+    cfg = compose_cfg(["model=tiny_clip", "data=digits", f"adapter={method}", *FAST], tmp_path)
+    from omegaconf import open_dict
+    with open_dict(cfg):
+        cfg.optim.lr = 1e-3
+    import lightning as L
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    task = build_task(cfg, build_model(cfg.model), dm)
+    before = {k: v.detach().clone() for k, v in task.net.state_dict().items()}
+    trainable = {n for n, p in task.net.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(task, datamodule=dm)
+    changed = {k for k, v in task.net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "nothing trained"
+    assert changed <= trainable
+    if method == "full":
+        assert len(changed) > 20
+    else:
+        assert all(".update." not in k or k.split(".update.")[0] for k in changed)
+        assert all(".update." in k for k in changed), changed - {k for k in changed if ".update." in k}
+        # both towers' attention in_proj adapters trained
+        assert any(k.startswith("visual.") and k.split(".update.")[0].endswith(".attn") for k in changed)
+        assert any(k.startswith("transformer.") and k.split(".update.")[0].endswith(".attn") for k in changed)
+    loss = trainer.callback_metrics["train/loss_step"]
+    assert math.isfinite(float(loss))
+
+
+def test_run_writes_results_checkpoints_and_adapter(tmp_path):
+    cfg = compose_cfg(["model=tiny_vit", "adapter=lora", "adapter.r=4", *FAST], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed"
+    on_disk = results(tmp_path)
+    assert on_disk["status"] == "completed" and on_disk["r"] == 4
+    p = on_disk["params"]
+    assert p["trainable"] == p["adapter"] + 64 * 10 + 10  # adapters + head
+    assert 0 < p["ratio"] < 1 and p["lora_equivalent_rank"] == pytest.approx(4.0)
+    assert 0 <= on_disk["metrics"]["test/acc"] <= 1 and "val/acc" in on_disk["metrics"]
+    assert on_disk["perf"]["samples_per_s"] > 0 and on_disk["perf"]["peak_memory_mb"] > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "adapter.safetensors").is_file()
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(".update." in k or k.startswith("head.") for k in
+               [k.removeprefix("net.") for k in ckpt["state_dict"]]), "frozen weights leaked into the checkpoint"
+
+
+def test_budget_picks_rank(tmp_path):
+    cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "adapter.budget=20000", *FAST], tmp_path)
+    res = run(cfg)
+    from randlora.adapters import match_budget
+    assert res["r"] == match_budget(build_model(cfg.model).backbone, "randlora", 20000,
+                                    target_modules=list(cfg.model.targets))["r"]
+    assert abs(res["params"]["adapter"] - 20000) / 20000 < 0.25
+
+
+def test_resume_from_run_folder_continues(tmp_path):
+    first = tmp_path / "a"
+    run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST], first))
+    ck = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 3
+    second = tmp_path / "b"
+    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
+                           f"resume={first}"], second))
+    ck2 = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert res["status"] == "completed" and ck2["epoch"] == ck["epoch"] + 1 and ck2["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_default_command_runs_quickstart(tmp_path):
+    out = train_cli([f"hydra.run.dir={tmp_path}"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test accuracy" in out.stdout and "trainable params" in out.stdout
+    res = results(tmp_path)
+    assert res["status"] == "completed" and res["model"] == "tiny_vit_digits"
+    assert res["metrics"]["test/acc"] > 0.6  # the pretrained backbone adapts to all ten digits
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes(tmp_path):
+    out = train_cli(["model=tiny_vit", "adapter=randlora", "trainer=ddp_cpu", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                     f"hydra.run.dir={tmp_path}"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = results(tmp_path)
+    assert res["status"] == "completed" and res["bases_checksum"]
+    assert "val/acc" in res["metrics"] and "test/acc" in res["metrics"]
+    assert "world_size=2" in out.stderr + out.stdout or "ddp" in (out.stderr + out.stdout).lower()
+
+
+# ------------------------------------------------------------------------------- bad input / offline
+@pytest.mark.parametrize("args,msg", [
+    (["adapter=dora_nope"], "Could not find 'adapter/dora_nope'"),
+    (["adapter.r=0"], "r must be a positive integer"),
+    (["data.shots=500"], "larger than class"),
+    (["model=clip_vitb32", "data=digits"], "could not load open_clip weights"),
+])
+def test_bad_input_one_clear_message(args, msg, tmp_path):
+    out = train_cli([*args, "trainer=cpu", f"hydra.run.dir={tmp_path}"], timeout=300)
+    assert out.returncode != 0
+    assert msg in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dataset_without_labels_is_refused(tmp_path):
+    import datasets
+    from PIL import Image
+    img = Image.new("RGB", (8, 8))
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": [img] * 4, "caption": ["x"] * 4})
+                               for s in ("train", "test")})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    cfg = compose_cfg(["model=tiny_vit", "data=cifar10", f"data.path={tmp_path / 'ds'}", *FAST], tmp_path / "run")
+    with pytest.raises(ValueError, match="no label column 'label'"):
+        run(cfg)
+    assert results(tmp_path / "run")["status"] == "failed"
+
+
+def test_hf_save_to_disk_and_image_folder_sources(tmp_path):
+    import datasets
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).byte().numpy()) for _ in range(12)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "owl"])})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(12)]},
+                                                             features=feats) for s in ("train", "test")})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    for split in ("train", "test"):
+        for i, im in enumerate(imgs):
+            d = tmp_path / "folder" / split / ["cat", "dog", "owl"][i % 3]
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(d / f"{i}.png")
+    for extra in ([f"data.path={tmp_path / 'ds'}", "data.num_classes=3"],
+                  [f"data.path={tmp_path / 'folder'}", "data.source=imagefolder", "data.num_classes=3"]):
+        cfg = compose_cfg(["model=tiny_clip", "data=cifar10", "data.image_key=image", "data.label_key=label",
+                           "data.num_workers=0", "data.batch_size=4", *extra, *FAST], tmp_path / "run")
+        dm = build_datamodule(cfg)
+        dm.setup()
+        assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
+        x, y = next(iter(dm.train_dataloader()))
+        assert x.shape[1:] == (3, 16, 16) and y.max() < 3
+
+
+def test_hub_dataset_offline_message(tmp_path):
+    cfg = compose_cfg(["model=tiny_vit", "data=food101", *FAST], tmp_path)
+    from randlora.models import SourceUnavailableError
+    with pytest.raises(SourceUnavailableError, match=r"could not load dataset food101 from 'ethz/food101'.*data.path="):
+        run(cfg)
+
+
+def test_few_shot_sampling_is_stable_across_methods():
+    from randlora.data.images import few_shot_indices
+    labels = torch.arange(10).repeat(20)
+    a = few_shot_indices(labels, 4, seed=3)
+    b = few_shot_indices(labels, 4, seed=3)
+    assert a == b and len(a) == 40
+    assert sorted(labels[a].bincount().tolist()) == [4] * 10
+    assert few_shot_indices(labels, 4, seed=4) != a
+    dm1 = build_datamodule(compose_cfg(["adapter=lora", "data.shots=5"]))
+    dm2 = build_datamodule(compose_cfg(["adapter=randlora", "model=tiny_clip", "data.shots=5"]))
+    dm1.setup(), dm2.setup()
+    assert dm1.train_set.indices == dm2.train_set.indices and len(dm1.train_set) == 50
