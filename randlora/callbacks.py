@@ -68,3 +68,21 @@ class AdapterCheckpoint(L.Callback):
         if trainer.is_global_zero:
             os.makedirs(self.dirpath, exist_ok=True)
             save_adapter(pl_module.net, os.path.join(self.dirpath, "adapter.safetensors"))
+
+
+class NonFiniteGuard(L.Callback):
+    """Stop at the first non-finite training loss, naming the step and the last good checkpoint."""
+
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or torch.isfinite(loss.detach()).all():
+            return
+        last = os.path.join(self.ckpt_dir, "last.ckpt")
+        where = last if os.path.isfile(last) else "none yet (the failure came before the first checkpoint)"
+        raise FloatingPointError(
+            f"non-finite training loss ({float(loss.detach())}) at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}); last good checkpoint: {where}. "
+            "Lower the learning rate or the adapter scaling (alpha), or enable gradient clipping")

@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     from .adapters import adapter_meta
-    from .callbacks import AdapterCheckpoint, PerfMonitor
+    from .callbacks import AdapterCheckpoint, NonFiniteGuard, PerfMonitor
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
     from .validate import effective_lr, validate_config
@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
         perf = PerfMonitor()
         from lightning.pytorch.callbacks import ModelCheckpoint
         ck = cfg.callbacks.checkpoint
-        callbacks = [perf, ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last,
+        callbacks = [perf, NonFiniteGuard(str(out / "checkpoints")), ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last,
                                            every_n_epochs=ck.every_n_epochs, save_top_k=0)]
         if cfg.callbacks.adapter_checkpoint:
             callbacks.append(AdapterCheckpoint(str(out / "checkpoints")))
@@ -179,6 +179,7 @@ def run(cfg: DictConfig) -> dict:
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
         results["bases_checksum"] = task.bases_checksum
         results["status"] = "completed"
+        _to_wandb(loggers, results)
         if rank0:
             write_json_atomic(results_path, results)
             _print_summary(results, notes)
@@ -194,6 +195,21 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb()
+
+
+RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budget", "shots", "fraction", "sweep")
+
+
+def _to_wandb(loggers, results: dict) -> None:
+    """Put the results.json fields into the W&B run (config + summary) so reports can pull them."""
+    from lightning.pytorch.loggers import WandbLogger
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            run.config.update({k: results.get(k) for k in RUN_FIELDS if k != "status"}, allow_val_change=True)
+            summary = {"status": results["status"], **{f"params/{k}": v for k, v in results["params"].items()},
+                       **results["metrics"], **{f"perf/{k}": v for k, v in results["perf"].items()}}
+            run.summary.update({k: v for k, v in summary.items() if v is not None})
 
 
 def _finite_check(metrics: dict) -> dict:
