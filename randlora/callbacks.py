@@ -86,3 +86,16 @@ class NonFiniteGuard(L.Callback):
             f"non-finite training loss ({float(loss.detach())}) at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}, batch {batch_idx}); last good checkpoint: {where}. "
             "Lower the learning rate or the adapter scaling (alpha), or enable gradient clipping")
+
+
+class KillAtStep(L.Callback):
+    """Fault injection for resume tests: SIGKILL this process after global step ``step``
+    (``callbacks.kill_at_step=N``). Nothing is flushed or saved, as with a pre-empted job."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -41,6 +41,9 @@ def output_dir(cfg) -> Path:
     # DDP children re-run this script; they must write into the parent's folder
     if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RANDLORA_RUN_DIR"):
         return Path(os.environ["RANDLORA_RUN_DIR"])
+    # resume=<run dir> continues the run in its own folder
+    if cfg.get("resume") and Path(cfg.resume).is_dir():
+        return Path(cfg.resume).resolve()
     return Path(cfg.paths.output_dir).resolve()
 
 
@@ -70,6 +73,7 @@ def build_datamodule(cfg):
     d.setdefault("image_size", cfg.model.get("image_size") or 224)
     d["image_size"] = cfg.model.get("image_size") or d["image_size"]
     d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
+    d["order_seed"] = int(cfg.seed)
     return ImageDataModule(**d)
 
 
@@ -123,7 +127,8 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     from .adapters import adapter_meta
-    from .callbacks import AdapterCheckpoint, NonFiniteGuard, PerfMonitor
+    from .callbacks import AdapterCheckpoint, KillAtStep, NonFiniteGuard, PerfMonitor
+    from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
     from .validate import effective_lr, validate_config
@@ -162,12 +167,17 @@ def run(cfg: DictConfig) -> dict:
         perf = PerfMonitor()
         from lightning.pytorch.callbacks import ModelCheckpoint
         ck = cfg.callbacks.checkpoint
-        callbacks = [perf, NonFiniteGuard(str(out / "checkpoints")), ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last,
-                                           every_n_epochs=ck.every_n_epochs, save_top_k=0)]
+        callbacks = [perf, NonFiniteGuard(str(out / "checkpoints")),
+                     ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last, save_top_k=1,
+                                     every_n_epochs=None if cfg.callbacks.get("checkpoint_every_n_train_steps")
+                                     else ck.every_n_epochs,
+                                     every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"))]
+        if cfg.callbacks.get("kill_at_step") is not None:
+            callbacks.append(KillAtStep(cfg.callbacks.kill_at_step))
         if cfg.callbacks.adapter_checkpoint:
             callbacks.append(AdapterCheckpoint(str(out / "checkpoints")))
         trainer = L.Trainer(**trainer_kwargs(cfg, dm), logger=loggers, callbacks=callbacks,
-                            default_root_dir=str(out), enable_model_summary=False)
+                            plugins=[AtomicCheckpointIO()], default_root_dir=str(out), enable_model_summary=False)
         t0 = time.time()
         if cfg.train:
             trainer.fit(task, datamodule=dm, ckpt_path=ckpt)

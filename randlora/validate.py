@@ -30,7 +30,10 @@ def effective_lr(cfg):
     return table.get(cfg.task.kind)
 
 
-def validate_config(cfg) -> None:
+def validate_config(cfg, deep: bool = True) -> None:
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
     a = OmegaConf.to_container(cfg.adapter, resolve=True)
     method = a.get("method")
     if method not in METHODS:
@@ -87,13 +90,41 @@ def validate_config(cfg) -> None:
         raise ValueError(f"optim.schedule={o.get('schedule')!r}; choose cosine, linear or constant")
     if not (_num(o.get("warmup_steps", 0)) and o.get("warmup_steps", 0) >= 0):
         raise ValueError(f"optim.warmup_steps={o.get('warmup_steps')!r} must be >= 0")
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r} must be an integer")
     eff = cfg.get("effective_batch_size")
     if eff is not None and (isinstance(eff, bool) or not isinstance(eff, int) or eff <= 0):
         raise ValueError(f"effective_batch_size={eff!r} must be a positive integer or null")
+    if eff is not None:
+        t = cfg.trainer
+        dev = t.get("devices", 1)
+        ndev = (dev if isinstance(dev, int) and dev > 0 else 1) * int(t.get("num_nodes", 1) or 1)
+        if eff % (bs * ndev):
+            raise ValueError(f"effective_batch_size={eff} is not a multiple of data.batch_size x devices = "
+                             f"{bs * ndev}; choose a multiple (accumulation must be a whole number)")
     _check_hardware(cfg.trainer)
+    if deep:
+        check_targets_on_meta(cfg, method, opts, a)
+
+
+def check_targets_on_meta(cfg, method, opts, a) -> None:
+    """Targets, rank and budget against the architecture built on the meta device (no weights)."""
+    if method == "full":
+        return
+    from .adapters.core import _check_rank, find_targets, match_budget
+    from .models import meta_backbone
+    model = meta_backbone(cfg.model)
+    if model is None:
+        return  # only knowable after loading (a hub-only architecture): inject() checks it then
+    targets = a.get("target_modules") or list(cfg.model.targets)
+    try:
+        found = find_targets(model, targets)
+        if a.get("budget") is not None:
+            match_budget(model, method, float(a["budget"]), target_modules=targets,
+                         **{k: v for k, v in opts.items() if k != "r"})
+        else:
+            full_opts = resolve_options(method, opts)
+            _check_rank(method, full_opts, found)
+    except ValueError as e:
+        raise ValueError(f"adapter on model {cfg.model.name!r}: {e}") from None
 
 
 def _check_hardware(t) -> None:

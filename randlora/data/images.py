@@ -138,6 +138,24 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int):
     return sorted(train), sorted(val)
 
 
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Shuffles with a permutation that depends only on (seed, epoch), so a resumed run replays
+    exactly the data order of an uninterrupted one (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
 # ---------------------------------------------------------------------------------- datamodule
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, name: str, source: str, hub_id: str | None = None, path: str | None = None,
@@ -161,6 +179,8 @@ class ImageDataModule(L.LightningDataModule):
         self.num_classes = num_classes
         self.synthetic = dict(synthetic or {})
         self.train_set = self.val_set = self.test_set = None
+        # the training order follows the run seed (set by the framework), the subsets follow data.seed
+        self.order_seed = int(_ignored.get("order_seed", seed))
 
     # -- loading
     def _load_raw(self):
@@ -270,8 +290,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set, self.val_set, self.test_set = train, val, test
 
     def _loader(self, ds, shuffle, bs):
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        sampler = EpochSeededSampler(len(ds), self.order_seed) if shuffle else None
+        return DataLoader(ds, batch_size=bs, sampler=sampler, shuffle=False if shuffle else None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True, self.batch_size)

@@ -51,3 +51,38 @@ def build_model(cfg) -> ModelBundle:
         from .llama import build_causal_lm
         return build_causal_lm(cfg)
     raise ValueError(f"unknown model family {family!r}; choose one of ['timm', 'open_clip', 'hf_causal_lm']")
+
+
+def meta_backbone(cfg):
+    """The model's architecture on the ``meta`` device (no weights, no memory, no download), for
+    checking adapter targets, ranks and budgets before anything real is built. None when the
+    architecture itself is only available from a hub (a transformers model by id, offline)."""
+    import torch
+    try:
+        with torch.device("meta"):
+            if cfg.family == "timm":
+                import timm
+                return timm.create_model(cfg.arch, pretrained=False, num_classes=0, **dict(cfg.get("kwargs") or {}))
+            if cfg.family == "open_clip":
+                import open_clip
+                if cfg.get("tiny"):
+                    t = cfg.tiny
+                    return open_clip.CLIP(
+                        embed_dim=t.embed_dim,
+                        vision_cfg=open_clip.CLIPVisionCfg(layers=t.layers, width=t.width, head_width=t.head_width,
+                                                           patch_size=t.patch_size, image_size=t.image_size),
+                        text_cfg=open_clip.CLIPTextCfg(context_length=t.context_length, vocab_size=49408,
+                                                       width=t.width, heads=t.width // t.head_width, layers=t.layers))
+                mc = open_clip.get_model_config(cfg.arch)
+                return None if mc is None else open_clip.CLIP(**mc)
+            if cfg.family == "hf_causal_lm":
+                from transformers import AutoConfig, AutoModelForCausalLM
+                if cfg.get("tiny"):
+                    t = dict(cfg.tiny)
+                    config = AutoConfig.for_model(t.pop("model_type", "llama"), **t)
+                else:
+                    config = AutoConfig.from_pretrained(cfg.pretrained)
+                return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
+    return None

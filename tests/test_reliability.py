@@ -1,0 +1,156 @@
+"""Interrupted runs resume exactly, checkpoints are written atomically, bad configurations are refused
+with one actionable line before anything is built, and runs are deterministic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from randlora.train import run
+from randlora.validate import validate_config
+from tests.helpers import compose_cfg, results, train_cli
+
+BASE = ["model=tiny_vit", "adapter=randlora", "trainer=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.deterministic=true",
+        "data.batch_size=16", "seed=3"]
+
+
+def _adapter_tensors(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "checkpoints" / "adapter.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    out = train_cli([*BASE, f"hydra.run.dir={ref}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    # step 6 is in the middle of the second epoch (4 steps per epoch); SIGKILL, nothing flushed
+    out = train_cli([*BASE, "callbacks.kill_at_step=6", f"hydra.run.dir={crashed}"])
+    assert out.returncode == -9
+    assert results(crashed)["status"] == "running"
+    ck = torch.load(crashed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4  # the end of the first epoch: the last good checkpoint
+    out = train_cli([*BASE, f"resume={crashed}", f"hydra.run.dir={tmp_path / 'resumer'}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = results(ref), results(crashed)  # resumed in its own folder
+    assert b["status"] == "completed"
+    for k in ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss_epoch"):
+        assert a["metrics"][k] == b["metrics"][k], k
+    ta, tb = _adapter_tensors(ref), _adapter_tensors(crashed)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from randlora import checkpoint_io
+    io = checkpoint_io.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(checkpoint_io.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    fast = [*BASE, "trainer.max_epochs=1", "callbacks.adapter_checkpoint=false"]
+    def quality(res):  # everything but wall-clock timings and memory
+        return {k: v for k, v in res["metrics"].items() if not k.startswith("perf/")}
+    a = quality(run(compose_cfg(fast, tmp_path / "a")))
+    b = quality(run(compose_cfg(fast, tmp_path / "b")))
+    assert a == b and "test/acc" in a and "train/loss_epoch" in a
+    c = quality(run(compose_cfg([*fast, "seed=4"], tmp_path / "c")))
+    assert c != a
+
+
+def test_resume_of_missing_folder_is_refused(tmp_path):
+    cfg = compose_cfg([*BASE, f"resume={tmp_path / 'nope'}"], tmp_path / "run")
+    with pytest.raises(Exception, match="no checkpoint"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_wandb_without_credentials_runs_offline(tmp_path):
+    out = train_cli([*BASE, "trainer.max_epochs=1", "logger=wandb", f"hydra.run.dir={tmp_path}"],
+                    extra_env={"WANDB_MODE": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "logging offline because no W&B API key" in out.stdout and "wandb sync" in out.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert results(tmp_path)["status"] == "completed"
+
+
+BAD = [
+    (["adapter.method=dora_typo"], "adapter.method='dora_typo' is unknown"),
+    (["adapter.r=0"], "r must be a positive integer"),
+    (["adapter.r=-3"], "r must be a positive integer"),
+    (["adapter.r=1000"], "use r <= 64"),
+    (["adapter.alpha=-1"], "alpha must be a positive number"),
+    (["adapter.alpha=0"], "alpha must be a positive number"),
+    (["adapter.target_modules=[]"], "adapts nothing"),
+    (["adapter.target_modules=[q_proj]"], "no module matched target_modules ['q_proj']"),
+    (["adapter.budget=10"], "below the smallest randlora adapter"),
+    (["adapter.budget=-5"], "adapter.budget=-5 must be a positive number"),
+    (["adapter=full", "adapter.budget=1e5"], "meaningless for full fine-tuning"),
+    (["adapter.lr=-1"], "adapter.lr=-1 must be a positive number"),
+    (["adapter.weight_decay=-0.1"], "weight_decay"),
+    (["adapter.dropout=1.5"], "dropout must be in [0, 1)"),
+    (["adapter.distribution=cauchy"], "unknown basis distribution"),
+    (["adapter.sparsity=1"], "sparsity s must be >= 2"),
+    (["adapter.init=xavier"], "unknown RandLoRA init"),
+    (["adapter.path=sparse"], "unknown RandLoRA path"),
+    (["+adapter.foo=1"], "unknown option(s) ['foo']"),
+    (["data.shots=0"], "data.shots=0 must be a positive integer"),
+    (["data.shots=-2"], "must be a positive integer"),
+    (["data.fraction=0"], "data.fraction=0 must be in (0, 1]"),
+    (["data.fraction=1.5"], "must be in (0, 1]"),
+    (["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
+    (["data.source=ftp"], "data.source='ftp' is unknown"),
+    (["data=food101", "data.hub_id=null"], "needs data.hub_id=<hub id> or data.path"),
+    (["trainer.precision=8-bit"], "trainer.precision='8-bit' is unknown"),
+    (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "not supported on the CPU"),
+    (["trainer=gpu"], "no CUDA GPU is visible"),
+    (["trainer.accelerator=cpu", "trainer.devices=4"], "needs trainer.strategy=ddp"),
+    (["optim.schedule=exponential"], "optim.schedule='exponential'"),
+    (["optim.warmup_steps=-1"], "warmup_steps"),
+    (["seed=abc"], "seed='abc' must be an integer"),
+    (["effective_batch_size=100"], "not a multiple of data.batch_size"),
+    (["model=tiny_llama", "task.kind=classification"], "does not fit model"),
+]
+
+
+@pytest.mark.parametrize("overrides,msg", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_configuration_one_actionable_line(overrides, msg):
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ValueError) as e:
+        validate_config(cfg)
+    text = str(e.value)
+    assert msg in text
+    assert "\n" not in text and len(text) < 1500
+
+
+@pytest.mark.parametrize("overrides,msg", [(["data=nope"], "Could not find 'data/nope'"),
+                                           (["model=gpt5"], "Could not find 'model/gpt5'"),
+                                           (["adapter.rr=3"], "Could not override 'adapter.rr'")])
+def test_unknown_group_or_key_rejected_at_composition(overrides, msg):
+    with pytest.raises((HydraException, OmegaConfBaseException)) as e:
+        compose_cfg(overrides)
+    assert msg in str(e.value)
+
+
+def test_bad_config_fails_before_model_or_data(tmp_path, monkeypatch):
+    import randlora.models as models
+    import randlora.train as train_mod
+    built = []
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append("model"))
+    monkeypatch.setattr(train_mod, "build_datamodule", lambda *a, **k: built.append("data"))
+    with pytest.raises(ValueError):
+        run(compose_cfg(["adapter.r=1000"], tmp_path))
+    assert built == []
+    assert results(tmp_path)["status"] == "failed"
