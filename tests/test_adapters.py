@@ -22,6 +22,10 @@ CASES = {
     "randlora_sparse": dict(r=4, seed=3, distribution="sparse"),
     "randlora_merged": dict(r=3, seed=3, path="merged"),
     "randlora_factorised": dict(r=3, seed=3, path="factorised", dropout=0.0),
+    "dora": dict(r=4),
+    "dora_full_norm_grad": dict(r=4, detach_norm=False),
+    "nola": dict(r=1, k=16, seed=3),
+    "nola_rank2": dict(r=2, k=8, seed=5),
 }
 
 
@@ -179,6 +183,8 @@ def test_parameter_counts_equal_formulas():
         "lora": lambda o, i: r * (o + i),
         "vera": lambda o, i: o + r,
         "randlora": lambda o, i: -(-min(o, i) // r) * (r + min(o, i)),
+        "dora": lambda o, i: r * (o + i) + o,
+        "nola": lambda o, i: 2 * 1024,
     }.items():
         torch.manual_seed(0)
         m = inject(TinyNet(), method, target_modules=TARGETS, r=r, trainable_modules=["head"])
@@ -298,7 +304,7 @@ def test_bf16_autocast_runs(case, batch):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("method", ["lora", "vera", "randlora"])
+@pytest.mark.parametrize("method", ["lora", "vera", "randlora", "dora", "nola"])
 def test_attention_in_proj_adapters_get_gradients(method, batch):
     torch.manual_seed(0)
     model = inject(TinyNet(), method, target_modules=["attn"], r=4)
@@ -320,7 +326,7 @@ def test_bases_shared_not_copied():
 def test_match_budget_picks_closest_rank():
     torch.manual_seed(0)
     m = TinyNet()
-    for method in ("lora", "randlora", "vera"):
+    for method in ("lora", "randlora", "vera", "dora", "nola"):
         for budget in (300, 900):
             opts = match_budget(m, method, budget, target_modules=TARGETS)
             got = opts.pop("expected_trainable")
@@ -332,13 +338,14 @@ def test_match_budget_picks_closest_rank():
                     other = match_budget(m, method, got, target_modules=TARGETS)
                 except ValueError:
                     continue
-                assert other["r"] == opts["r"]
+                assert other.get("r") == opts.get("r") and other.get("k") == opts.get("k")
     assert not any(isinstance(x, nn.Module) and hasattr(x, "update") for x in m.modules())
 
 
 # ------------------------------------------------------------------------------- bad input
 BAD = [
-    (dict(method="dora"), "unknown adapter method"),
+    (dict(method="dora_typo"), "unknown adapter method"),
+    (dict(method="nola", k=0), "k \\(number of NoLA bases"),
     (dict(method="lora", r=0), "positive integer"),
     (dict(method="lora", r=-2), "positive integer"),
     (dict(method="lora", r=13), "r <= 12"),

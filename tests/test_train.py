@@ -12,7 +12,7 @@ from randlora.models import build_model
 from randlora.train import build_datamodule, build_task, run
 from tests.helpers import FAST, ROOT, compose_cfg, results, train_cli
 
-METHODS = ["full", "lora", "vera", "randlora", "randlora_sparse"]
+METHODS = ["full", "lora", "vera", "randlora", "randlora_sparse", "dora", "nola"]
 
 
 def test_plain_train_equals_quickstart_experiment():

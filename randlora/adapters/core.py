@@ -17,28 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bases import DISTRIBUTIONS, SharedBases
+from .bases import SharedBases
 from .layers import ADAPTED_TYPES, AdaptedLinear, AdaptedParameter
-from .lora import LoRAUpdate
-from .randlora import INITS, PATHS, RandLoRAUpdate, make_randlora_bases
-from .vera import VeRAUpdate, make_vera_bases
+from .registry import REGISTRY
 
-METHODS = ("full", "lora", "vera", "randlora")
+METHODS = ("full", *REGISTRY)
 FORMAT_VERSION = 1
 BASES_ATTR = "shared_bases"    # the SharedBases submodule, registered on the first adapted layer
 META_ATTR = "_adapter_meta"    # plain attribute on the root model
 META_KEY = "__adapter_meta__"  # key of the metadata entry in adapter_state_dict()
 BASES_PREFIX = "__bases__."
 
-# Per-method options and defaults. ``alpha=None`` means: scaling 1 for LoRA / VeRA (alpha = r),
-# the paper's vision / vision-language preset 10 / r for RandLoRA.
-DEFAULTS = {
-    "full": {},
-    "lora": {"r": 8, "alpha": None, "dropout": 0.0},
-    "vera": {"r": 256, "alpha": None, "dropout": 0.0, "seed": 0, "d_init": 0.1},
-    "randlora": {"r": 8, "alpha": None, "dropout": 0.0, "seed": 0, "scale_sqrt_n": False,
-                 "init": "default", "distribution": "uniform", "sparsity": None, "path": "auto"},
-}
+# Per-method options and defaults (see registry.py). ``alpha=None`` means: scaling 1 (alpha = r),
+# except RandLoRA: the paper's vision / vision-language preset 10 / r.
+DEFAULTS = {"full": {}, **{name: spec.defaults for name, spec in REGISTRY.items()}}
 COMMON = ("target_modules", "trainable_modules", "save_bases")
 
 
@@ -171,26 +163,20 @@ def resolve_options(method: str, options: dict) -> dict:
         raise _err(f"r must be a positive integer, got {r!r}")
     if opts["alpha"] is not None and not (isinstance(opts["alpha"], (int, float)) and opts["alpha"] > 0):
         raise _err(f"alpha must be a positive number (scaling = alpha / r), got {opts['alpha']!r}")
+    spec = REGISTRY[method]
     if opts["alpha"] is None:
-        opts["alpha"] = 10.0 if method == "randlora" else float(r)
+        opts["alpha"] = spec.default_alpha(opts)
     if not (0.0 <= float(opts["dropout"]) < 1.0):
         raise _err(f"dropout must be in [0, 1), got {opts['dropout']!r}")
     if "seed" in opts and (isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int)):
         raise _err(f"seed must be an integer, got {opts['seed']!r}")
-    if method == "randlora":
-        if opts["distribution"] not in DISTRIBUTIONS:
-            raise _err(f"unknown basis distribution {opts['distribution']!r}; choose one of {list(DISTRIBUTIONS)}")
-        if opts["sparsity"] is not None and not (isinstance(opts["sparsity"], (int, float)) and opts["sparsity"] >= 2):
-            raise _err(f"sparsity s must be >= 2 (P(+-1) = 1/s each), got {opts['sparsity']!r}")
-        if opts["init"] not in INITS:
-            raise _err(f"unknown RandLoRA init {opts['init']!r}; choose one of {list(INITS)}")
-        if opts["path"] not in PATHS:
-            raise _err(f"unknown RandLoRA path {opts['path']!r}; choose one of {list(PATHS)}")
+    if spec.validate is not None:
+        spec.validate(opts)
     return opts
 
 
 def _check_rank(method: str, opts: dict, targets: list[Target]) -> None:
-    if method in ("lora", "randlora"):
+    if REGISTRY[method].rank_limited:
         limit = min(min(t.out_features, t.in_features) for t in targets)
         if opts["r"] > limit:
             small = [t.name for t in targets if min(t.out_features, t.in_features) == limit][:3]
@@ -198,9 +184,8 @@ def _check_rank(method: str, opts: dict, targets: list[Target]) -> None:
                        f"(min(out, in) = {limit} for {small}); use r <= {limit}")
 
 
-def _per_layer_count(method: str, t: Target, r: int) -> int:
-    cls = {"lora": LoRAUpdate, "vera": VeRAUpdate, "randlora": RandLoRAUpdate}[method]
-    return cls.num_trainable(t.out_features, t.in_features, r)
+def _per_layer_count(method: str, t: Target, opts: dict) -> int:
+    return REGISTRY[method].num_trainable(t.out_features, t.in_features, opts)
 
 
 # ------------------------------------------------------------------------------------------- inject
@@ -254,12 +239,9 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
                    "a layer is either adapted or fully trained, not both")
     _check_rank(method, opts, targets)
     shapes = [(t.out_features, t.in_features) for t in targets]
-    r = opts["r"]
-    bases = None
-    if method == "vera":
-        bases = make_vera_bases(shapes, r, opts["seed"])
-    elif method == "randlora":
-        bases = make_randlora_bases(shapes, r, opts["seed"], opts["distribution"], opts["sparsity"])
+    spec = REGISTRY[method]
+    bases = spec.make_bases(shapes, opts) if spec.make_bases else None
+    if bases is not None and "sparsity" in bases.spec:
         opts["sparsity"] = bases.spec["sparsity"]
 
     # ---- from here on the model is modified; everything above validated the request
@@ -268,14 +250,7 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
     for t in targets:
         mod = model.get_submodule(t.name)
         ref = mod.weight if t.kind == "linear" else getattr(mod, _fused_param(mod))
-        scaling = opts["alpha"] / r
-        if method == "lora":
-            upd = LoRAUpdate(t.out_features, t.in_features, r, scaling)
-        elif method == "vera":
-            upd = VeRAUpdate(t.out_features, t.in_features, r, scaling, bases, opts["d_init"])
-        else:
-            upd = RandLoRAUpdate(t.out_features, t.in_features, r, opts["alpha"], bases,
-                                 opts["scale_sqrt_n"], opts["init"], opts["path"])
+        upd = spec.build(t.out_features, t.in_features, opts, bases, ref)
         # adapter parameters are float32 master weights (float64 on a float64 model, for exact tests)
         upd.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
         if t.kind == "linear":
@@ -373,19 +348,16 @@ def match_budget(model: nn.Module, method: str, budget: float, **options) -> dic
         raise _err(f"unknown adapter method {method!r}; choose one of {list(METHODS)}")
     if not (isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
         raise _err(f"budget must be a positive number of parameters, got {budget!r}")
-    options = {k: v for k, v in options.items() if k != "r"}
-    resolve_options(method, {**options, "r": 1})
+    spec = REGISTRY[method]
+    knob = spec.knob
+    options = {k: v for k, v in options.items() if k != knob}
+    base_opts = resolve_options(method, {**{k: v for k, v in options.items() if k not in COMMON}, knob: 1})
     targets = find_targets(model, options.get("target_modules"))
     limit = min(min(t.out_features, t.in_features) for t in targets)
-    if method == "vera":
-        ranks = range(1, 8193)
-    elif method == "randlora":
-        ranks = range(1, limit + 1)
-    else:
-        ranks = range(1, limit + 1)
+    ranks = spec.knob_range(limit)
 
     def count(r):
-        return sum(_per_layer_count(method, t, r) for t in targets)
+        return sum(_per_layer_count(method, t, {**base_opts, knob: r}) for t in targets)
 
     counts = {r: count(r) for r in ranks}
     lo, hi = min(counts.values()), max(counts.values())
@@ -396,7 +368,7 @@ def match_budget(model: nn.Module, method: str, budget: float, **options) -> dic
         raise _err(f"budget {budget:,.0f} is above the largest {method} adapter on these targets "
                    f"({hi:,} parameters); lower the budget or target more layers")
     best = min(counts, key=lambda r: (abs(counts[r] - budget), r))
-    return {**options, "r": best, "expected_trainable": counts[best]}
+    return {**options, knob: best, "expected_trainable": counts[best]}
 
 
 # --------------------------------------------------------------------------------------- state dict
@@ -540,15 +512,9 @@ def _expected_shapes(model: nn.Module, meta: dict) -> dict:
     if method == "full":
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out = {}
-    r = opts["r"]
     for name, _, o, i in meta["targets"]:
-        if method == "lora":
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = (r, i), (o, r)
-        elif method == "vera":
-            out[f"{name}.vera_b"], out[f"{name}.vera_d"] = (o,), (r,)
-        else:
-            n = math.ceil(min(o, i) / r)
-            out[f"{name}.lambda_"], out[f"{name}.gamma"] = (n, r), (n, min(o, i))
+        for pname, shape in REGISTRY[method].param_shapes(o, i, opts).items():
+            out[f"{name}.{pname}"] = tuple(shape)
     for tname in meta["trainable_names"]:
         try:
             sub = model.get_submodule(tname)

@@ -76,7 +76,10 @@ class _Wrapper(nn.Module):
         if self.merged:
             return
         w = self._base_weight()
-        w.add_(self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype))
+        delta = self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype)
+        if getattr(self.update, "delta_depends_on_base", False):
+            self._merged_delta = delta  # DoRA's dW is a function of W0: keep it to undo exactly
+        w.add_(delta)
         self.merged = True
 
     @torch.no_grad()
@@ -84,7 +87,10 @@ class _Wrapper(nn.Module):
         if not self.merged:
             return
         w = self._base_weight()
-        w.sub_(self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype))
+        delta = self.__dict__.pop("_merged_delta", None)
+        if delta is None:
+            delta = self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype)
+        w.sub_(delta)
         self.merged = False
 
 
