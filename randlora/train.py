@@ -69,7 +69,7 @@ def build_datamodule(cfg):
     kind = cfg.task.kind
     if kind == "causal_lm":
         from .data.commonsense import InstructionDataModule
-        return InstructionDataModule(**d)
+        return InstructionDataModule(**d, order_seed=int(cfg.seed))
     d.setdefault("image_size", cfg.model.get("image_size") or 224)
     d["image_size"] = cfg.model.get("image_size") or d["image_size"]
     d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
@@ -186,6 +186,7 @@ def run(cfg: DictConfig) -> dict:
             for row in trainer.test(task, datamodule=dm, verbose=False):
                 metrics.update({k: float(v) for k, v in row.items()})
         results["metrics"] = _finite_check(metrics)
+        results["params"] = task.parameter_summary()  # final counts (DoRA-DR: after pruning)
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
         results["bases_checksum"] = task.bases_checksum
         results["status"] = "completed"

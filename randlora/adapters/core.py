@@ -400,7 +400,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
             out[k] = v.detach().clone()
     else:
         for name, layer in adapted_layers(model):
-            for pname, p in layer.update.named_parameters():
+            for pname, p in layer.update.state_dict().items():  # parameters + persistent buffers
                 out[f"{name}.{pname}"] = p.detach().clone()
         for tname in meta["trainable_names"]:
             for k, v in model.get_submodule(tname).state_dict().items():
@@ -490,7 +490,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
         else:
             params = {}
             for name, layer in adapted_layers(model):
-                for pname, p in layer.update.named_parameters():
+                for pname, p in layer.update.state_dict(keep_vars=True).items():
                     params[f"{name}.{pname}"] = p
             for tname in meta["trainable_names"]:
                 for k, v in model.get_submodule(tname).state_dict(keep_vars=True).items():
@@ -512,8 +512,10 @@ def _expected_shapes(model: nn.Module, meta: dict) -> dict:
     if method == "full":
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out = {}
+    spec = REGISTRY[method]
     for name, _, o, i in meta["targets"]:
-        for pname, shape in REGISTRY[method].param_shapes(o, i, opts).items():
+        shapes = {**spec.param_shapes(o, i, opts), **(spec.buffer_shapes(o, i, opts) if spec.buffer_shapes else {})}
+        for pname, shape in shapes.items():
             out[f"{name}.{pname}"] = tuple(shape)
     for tname in meta["trainable_names"]:
         try:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .bases import DISTRIBUTIONS
 from .dora import DoRAUpdate
+from .dora_dr import DoRADRUpdate, start_rank
 from .lora import LoRAUpdate
 from .nola import NoLAUpdate, make_nola_bases
 from .randlora import INITS, PATHS, RandLoRAUpdate, make_randlora_bases, num_bases
@@ -31,6 +32,7 @@ class MethodSpec:
     rank_limited: bool = True  # r <= min(out, in) of every target
     make_bases: Callable | None = None  # (shapes, opts) -> SharedBases
     validate: Callable | None = None    # (opts) -> None, raises ValueError
+    buffer_shapes: Callable | None = None  # (out, in, opts) -> {buffer name: shape} kept in state dicts
     knob: str = "r"            # what match_budget tunes
     knob_range: Callable = field(default=lambda limit: range(1, limit + 1))
 
@@ -52,6 +54,22 @@ def _validate_randlora(o):
 def _validate_nola(o):
     if isinstance(o["k"], bool) or not isinstance(o["k"], int) or o["k"] <= 0:
         raise _err(f"k (number of NoLA bases per side) must be a positive integer, got {o['k']!r}")
+
+
+def _validate_dora_dr(o):
+    for key in ("prune_start_ratio", "final_phase_ratio"):
+        if not (0 <= o[key] < 1):
+            raise _err(f"{key} must be in [0, 1), got {o[key]!r}")
+    if o["prune_start_ratio"] + o["final_phase_ratio"] >= 1:
+        raise _err("prune_start_ratio + final_phase_ratio must be < 1 (the pruning window would be empty)")
+    if o["init_rank_factor"] < 1:
+        raise _err(f"init_rank_factor must be >= 1 (start rank >= target rank), got {o['init_rank_factor']!r}")
+    if not (isinstance(o["prune_interval"], int) and o["prune_interval"] > 0):
+        raise _err(f"prune_interval must be a positive integer, got {o['prune_interval']!r}")
+
+
+def _dr_start(opts):
+    return start_rank(opts["r"], opts["init_rank_factor"])
 
 
 def _rl_shapes(o, i, opts):
@@ -87,6 +105,14 @@ REGISTRY: dict[str, MethodSpec] = {
         make_bases=lambda shapes, opts: make_randlora_bases(shapes, opts["r"], opts["seed"], opts["distribution"],
                                                             opts["sparsity"]),
         validate=_validate_randlora),
+    "dora_dr": MethodSpec(
+        "dora_dr", {"r": 8, "alpha": 8.0, "dropout": 0.0, "init_rank_factor": 1.5, "prune_start_ratio": 0.15,
+                    "final_phase_ratio": 0.5, "prune_interval": 100, "ema_beta": 0.9, "dem_weight": 0.1},
+        build=lambda o, i, opts, bases, w: DoRADRUpdate(o, i, opts["r"], _dr_start(opts), opts["alpha"] / _dr_start(opts)),
+        param_shapes=lambda o, i, opts: {"lora_A": (_dr_start(opts), i), "lora_B": (o, _dr_start(opts)),
+                                         "gates": (_dr_start(opts),)},
+        buffer_shapes=lambda o, i, opts: {"ema_score": (_dr_start(opts),), "final_mask": (_dr_start(opts),)},
+        default_alpha=lambda opts: 8.0, validate=_validate_dora_dr),
     "nola": MethodSpec(
         "nola", {"r": 1, "k": 1024, "alpha": None, "dropout": 0.0, "seed": 0},
         build=lambda o, i, opts, bases, w: NoLAUpdate(o, i, opts["r"], opts["k"], opts["alpha"] / opts["r"], bases),

@@ -75,12 +75,59 @@ class AdapterTask(L.LightningModule):
         else:
             out["adapter"] = trainable
             out["lora_equivalent_rank"] = None
+        if self.dynamic_rank is not None:  # the three DoRA-DR counts
+            c = self.dynamic_rank.counts()
+            out["adapter_during_training"] = c["training"]
+            out["adapter_stored"] = c["stored"]
+            out["lora_equivalent_rank"] = c["lora_equivalent_rank"]
         return out
 
     def parameter_table_text(self) -> str:
         return "" if self.adapter_info.get("method") == "full" else format_parameter_table(self.net)
 
+    # -- DoRA-DR: the pruning schedule follows the optimizer step count
+    dynamic_rank = None
+
+    def _start_dynamic_rank(self):
+        from ..adapters.dora_dr import DynamicRankScheduler, start_rank
+        o = adapter_meta(self.net)["options"]
+        total = self.trainer.estimated_stepping_batches
+        self.dynamic_rank = DynamicRankScheduler(
+            self.net, total, r=o["r"], r_start=start_rank(o["r"], o["init_rank_factor"]),
+            prune_start_ratio=o["prune_start_ratio"], final_phase_ratio=o["final_phase_ratio"],
+            prune_interval=o["prune_interval"], ema_beta=o["ema_beta"], dem_weight=o["dem_weight"])
+        self._last_step = self.trainer.global_step
+
+    def add_regularizer(self, loss):
+        """Task loss plus the adapter's regulariser (DoRA-DR's DEM in its first two phases)."""
+        if self.dynamic_rank is None:
+            return loss
+        reg = self.dynamic_rank.regularizer(self.trainer.global_step)
+        if reg is None:
+            return loss
+        self.log("train/dem", reg.detach(), on_step=True, on_epoch=False)
+        return loss + reg
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.dynamic_rank is None or self.trainer.global_step == self._last_step:
+            return  # no optimizer step happened (gradient accumulation)
+        self._last_step = step = self.trainer.global_step
+        bcast = (lambda t: self.trainer.strategy.broadcast(t, src=0)) if self.trainer.world_size > 1 else None
+        info = self.dynamic_rank.after_step(step, broadcast=bcast)
+        self.log("dora/live_components", float(info["live"]), on_step=True, on_epoch=False)
+        if "threshold" in info:
+            self.log("dora/threshold", info["threshold"], on_step=True, on_epoch=False)
+        if step == self.dynamic_rank.t_end and self.trainer.is_global_zero:
+            import os
+            path = os.path.join(self.trainer.default_root_dir, "dora_dr_ranks.png")
+            self.dynamic_rank.heatmap(path)
+            for lg in self.loggers:
+                if hasattr(lg, "log_image"):
+                    lg.log_image(key="dora/rank_heatmap", images=[path])
+
     def on_fit_start(self):
+        if self.adapter_info.get("method") == "dora_dr":
+            self._start_dynamic_rank()
         self.bases_checksum = bases_checksum(self.net)
         if self.bases_checksum is not None and self.trainer.world_size > 1:
             mine = torch.tensor([int(self.bases_checksum, 16)], dtype=torch.float64, device=self.device)

@@ -38,7 +38,7 @@ class ClassificationTask(AdapterTask):
     def training_step(self, batch, _):
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = self.add_regularizer(F.cross_entropy(logits, y, label_smoothing=self.label_smoothing))
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))

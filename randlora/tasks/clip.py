@@ -81,7 +81,7 @@ class ClipTask(AdapterTask):
         else:  # official: one prompt per image, target = first image of the same class
             logits = self._scale() * img @ self.encode_text(y).t()
             target = (y[:, None] == y[None, :]).float().argmax(dim=1)
-        loss = F.cross_entropy(logits, target)
+        loss = self.add_regularizer(F.cross_entropy(logits, target))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
