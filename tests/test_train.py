@@ -154,7 +154,12 @@ def test_ddp_cpu_two_processes(tmp_path):
     res = results(tmp_path)
     assert res["status"] == "completed" and res["bases_checksum"]
     assert "val/acc" in res["metrics"] and "test/acc" in res["metrics"]
-    assert "world_size=2" in out.stderr + out.stdout or "ddp" in (out.stderr + out.stdout).lower()
+    assert "MEMBER: 2/2" in out.stderr + out.stdout  # two ranks joined the process group
+    # test accuracy is a multiple of 1/|test set| (no sample counted twice across the two shards)
+    dm = build_datamodule(compose_cfg(["model=tiny_vit"]))
+    dm.setup()
+    n_test = len(dm.test_set)
+    assert abs(res["metrics"]["test/acc"] * n_test - round(res["metrics"]["test/acc"] * n_test)) < 1e-3
 
 
 # ------------------------------------------------------------------------------- bad input / offline

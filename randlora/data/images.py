@@ -297,11 +297,21 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self):
         return self._loader(self.train_set, True, self.batch_size)
 
+    def _eval_loader(self, ds):
+        # Under DDP, Lightning's default sampler pads the last shard by repeating samples, which counts
+        # them twice in accuracy; this sampler splits the set exactly (shards may differ by one batch).
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+            return DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                              sampler=UnrepeatedDistributedSampler(ds, shuffle=False))
+        return self._loader(ds, False, self.eval_batch_size)
+
     def val_dataloader(self):
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self):
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._eval_loader(self.test_set)
 
 
 def _digits():
