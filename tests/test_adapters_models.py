@@ -118,3 +118,19 @@ def test_bf16_llama_with_fp32_adapters():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for u in ups for p in u.parameters())
+
+
+def test_llama_gradient_checkpointing_still_trains_adapters():
+    from omegaconf import OmegaConf
+
+    from randlora.models.llama import build_causal_lm
+    from tests.helpers import ROOT
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / "tiny_llama.yaml")
+    cfg.gradient_checkpointing = True
+    model = build_causal_lm(cfg).backbone
+    inject(model, "randlora", target_modules=list(cfg.targets), r=4)
+    model.train()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads[:4])

@@ -36,6 +36,9 @@ def build_causal_lm(cfg) -> ModelBundle:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.2x renamed it; frozen embeddings need input grads for adapters inside checkpoints
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.enable_input_require_grads()
         model.config.use_cache = False
     return ModelBundle(backbone=model, kind="causal_lm", default_targets=list(cfg.targets), tokenizer=tok)
