@@ -41,7 +41,36 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str | None]:
     return "online", None
 
 
-def build_loggers(cfg, out_dir: str, run_name: str):
+def run_tags(cfg, r=None) -> list[str]:
+    """W&B tags of a job: the user's tags plus method / rank / budget / data / model / seed."""
+    tags = [str(t) for t in (cfg.get("tags") or [])]
+    tags += [f"method:{cfg.adapter.method}", f"data:{cfg.data.name}", f"model:{cfg.model.name}",
+             f"seed:{cfg.seed}"]
+    if r is not None:
+        tags.append(f"r:{r}")
+    if cfg.adapter.get("budget") is not None:
+        tags.append(f"budget:{float(cfg.adapter.budget):g}")
+    if cfg.data.get("shots"):
+        tags.append(f"shots:{cfg.data.shots}")
+    return tags
+
+
+def default_group(cfg) -> str | None:
+    """The sweep's name: ``group`` if set, else the multirun folder, so a sweep's jobs group together."""
+    if cfg.get("group"):
+        return str(cfg.group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return os.path.basename(str(hc.sweep.dir).rstrip("/"))
+    except Exception:
+        pass
+    return None
+
+
+def build_loggers(cfg, out_dir: str, run_name: str, r=None):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
     lcfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
@@ -58,8 +87,9 @@ def build_loggers(cfg, out_dir: str, run_name: str):
                 notes.append(f"W&B: logging offline because {why}; sync later with `wandb sync {out_dir}/wandb/offline-run-*`")
             os.makedirs(out_dir, exist_ok=True)
             loggers.append(WandbLogger(name=run_name, save_dir=out_dir, offline=(mode == "offline"),
-                                       project=w.get("project"), entity=w.get("entity"), group=w.get("group"),
-                                       tags=list(w.get("tags") or [])))
+                                       project=w.get("project"), entity=w.get("entity"),
+                                       group=w.get("group") or default_group(cfg),
+                                       tags=sorted(set(list(w.get("tags") or []) + run_tags(cfg, r)))))
     return loggers, notes
 
 

@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
             if table:
                 (out / "parameters.txt").write_text(table + "\n")
         run_name = f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
-        loggers, notes = build_loggers(cfg, str(out), run_name)
+        loggers, notes = build_loggers(cfg, str(out), run_name, r=results["r"])
         perf = PerfMonitor()
         from lightning.pytorch.callbacks import ModelCheckpoint
         ck = cfg.callbacks.checkpoint

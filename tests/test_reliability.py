@@ -82,8 +82,17 @@ def test_wandb_without_credentials_runs_offline(tmp_path):
                     extra_env={"WANDB_MODE": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "logging offline because no W&B API key" in out.stdout and "wandb sync" in out.stdout
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
     assert results(tmp_path)["status"] == "completed"
+
+
+def test_wandb_tags_and_group():
+    from randlora.loggers import default_group, run_tags
+    cfg = compose_cfg(["adapter=lora", "adapter.budget=2e4", "data.shots=4", "group=budget_sweep", "tags=[mine]"])
+    tags = run_tags(cfg, r=3)
+    assert {"mine", "method:lora", "data:digits", "r:3", "budget:20000", "shots:4"} <= set(tags)
+    assert default_group(cfg) == "budget_sweep"
 
 
 BAD = [
