@@ -128,3 +128,27 @@ def test_dora_dr_through_the_framework(tmp_path):
     assert p["lora_equivalent_rank"] == pytest.approx(4.0, rel=0.02)
     assert (tmp_path / "dora_dr_ranks.png").is_file()
     assert res["metrics"]["dora/live_components"] == 12 * 4  # 12 adapted matrices x r = 4
+
+
+@pytest.mark.slow
+def test_dora_dr_kill_and_resume_reproduces_the_final_masks(tmp_path):
+    """SIGKILL inside the pruning window; resuming gives the same masks and weights as no interruption."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import train_cli
+    base = ["model=tiny_vit", "adapter=dora_dr", "adapter.r=4", "adapter.prune_interval=2", "trainer=cpu",
+            "trainer.max_epochs=4", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.deterministic=true", "seed=5"]
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    assert train_cli([*base, f"hydra.run.dir={ref}"]).returncode == 0
+    # 24 steps: pruning window = steps 3..12; killed at step 8, last checkpoint at step 6
+    assert train_cli([*base, "callbacks.kill_at_step=8", f"hydra.run.dir={part}"]).returncode == -9
+    ck = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 6 and any(k.endswith("ema_score") for k in ck["state_dict"])
+    out = train_cli([*base, f"resume={part}", f"hydra.run.dir={tmp_path / 'resumer'}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    a = load_file(str(ref / "checkpoints" / "adapter.safetensors"))
+    b = load_file(str(part / "checkpoints" / "adapter.safetensors"))
+    masks = [k for k in a if k.endswith("final_mask")]
+    assert masks and any(a[k].any() for k in masks)
+    assert all(torch.equal(a[k], b[k]) for k in a)

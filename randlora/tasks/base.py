@@ -125,6 +125,13 @@ class AdapterTask(L.LightningModule):
                 if hasattr(lg, "log_image"):
                     lg.log_image(key="dora/rank_heatmap", images=[path])
 
+    def on_train_end(self):
+        if self.dynamic_rank is not None and self.trainer.world_size > 1:
+            masks = torch.cat([u.final_mask.flatten().float() for _, u in self.dynamic_rank.layers])
+            every = self.all_gather(masks)
+            if not torch.all(every == every[0]):
+                raise RuntimeError("DoRA-DR final masks differ across DDP ranks")
+
     def on_fit_start(self):
         if self.adapter_info.get("method") == "dora_dr":
             self._start_dynamic_rank()
@@ -167,7 +174,8 @@ class AdapterTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         sd = checkpoint["state_dict"]
-        keep = {k: v for k, v in sd.items() if k in trained}
+        # trained parameters plus the adapters' own buffers (DoRA-DR's EMA scores and final masks)
+        keep = {k: v for k, v in sd.items() if k in trained or ".update." in k}
         if self.adapter_info.get("method") == "full":
             keep = sd
         checkpoint["state_dict"] = keep
