@@ -234,3 +234,18 @@ def test_few_shot_sampling_is_stable_across_methods():
     dm2 = build_datamodule(compose_cfg(["adapter=randlora", "model=tiny_clip", "data.shots=5"]))
     dm1.setup(), dm2.setup()
     assert dm1.train_set.indices == dm2.train_set.indices and len(dm1.train_set) == 50
+
+
+def test_clip_vision_only_variant_trains_image_tower_only(tmp_path):
+    res = run(compose_cfg(["model=tiny_clip", "adapter=lora", "task.text_tower=frozen", *FAST], tmp_path))
+    assert res["status"] == "completed" and 0 <= res["metrics"]["test/acc"] <= 1
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "checkpoints" / "adapter.safetensors")).keys()
+    assert keys and all(k.startswith("visual.") for k in keys)
+
+
+@pytest.mark.parametrize("loss,scale", [("in_batch_official", "raw"), ("all_classes", "exp")])
+def test_clip_loss_variants(loss, scale, tmp_path):
+    res = run(compose_cfg(["model=tiny_clip", "adapter=randlora", f"task.loss={loss}", f"task.logit_scale={scale}",
+                           *FAST], tmp_path))
+    assert res["status"] == "completed" and math.isfinite(res["metrics"]["train/loss_epoch"])
