@@ -304,9 +304,11 @@ PAPER = {"llama3": ("llama3_8b", {16: 60, 32: 30, 64: 15}, 4), "qwen2": ("qwen2_
 
 def test_paper_experiment_configs_compose():
     names = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("commonsense_*.yaml"))
-    assert len(names) == 19
+    assert len(names) == 21  # 19 + the DoRA-16/32 baselines on LLaMA3 (Table 6)
     for key, (model, pairs, micro) in PAPER.items():
         runs = [("lora", r) for r in pairs] + [("randlora", r) for r in pairs.values()] + [("vera", 1024)]
+        if key == "llama3":
+            runs += [("dora", 16), ("dora", 32)]
         for method, r in runs:
             cfg = compose([f"experiment=paper/commonsense_{method}{r}_{key}"])
             assert cfg.model.name == model and cfg.adapter.method == method and cfg.adapter.r == r
@@ -316,6 +318,8 @@ def test_paper_experiment_configs_compose():
             assert cfg.task.cutoff_len == 256 and cfg.task.kind == "causal_lm"
             assert cfg.adapter.alpha == 2 * r
             assert cfg.adapter.lr == (1e-2 if method == "vera" else 1e-4)
+            if method == "dora":
+                assert cfg.adapter.detach_norm is True
             if method == "randlora":
                 assert cfg.adapter.scale_sqrt_n is True
 

@@ -131,7 +131,9 @@ def test_resume_from_run_folder_continues(tmp_path):
     second = tmp_path / "b"
     res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
                            f"resume={first}"], second))
-    ck2 = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # resume=<run dir> continues inside that run's folder
+    assert res["run_dir"] == str(first.resolve()) and not (second / "checkpoints").exists()
+    ck2 = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert res["status"] == "completed" and ck2["epoch"] == ck["epoch"] + 1 and ck2["global_step"] == 6
 
 

@@ -1,0 +1,98 @@
+"""The benchmark harness in its smallest configuration (tiny models, 2 timed steps, in-process)."""
+import math
+
+import pytest
+import torch
+
+from benchmarks import layer, run
+
+EXPECTED = ["full", "lora", "vera", "randlora"]
+
+
+def _have_peft():
+    return run.peft_available()[0]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "latest.md"
+    res = run.main(["--quick", "--steps", "2", "--warmup", "1", "--memory", "none", "--out", str(out)],
+                   log=lambda *a: None)
+    return res, out
+
+
+def test_every_model_has_every_row_with_finite_times(quick):
+    res, _ = quick
+    assert set(res["models"]) == {"vit", "clip", "llama"}
+    for key, m in res["models"].items():
+        methods = [r["method"] for r in m["rows"]]
+        want = EXPECTED + (["peft-lora", "peft-vera", "peft-randlora"] if _have_peft() else [])
+        if key == "clip" and _have_peft():
+            want.append(run.SAME_TARGETS)  # ours on PEFT's (Linear-only) targets
+        assert sorted(methods) == sorted(want), (key, methods)
+        for r in m["rows"]:
+            assert not r["error"], (key, r["method"], r["error"])
+            assert len(r["times_s"]) == 2, (key, r["method"])
+            assert all(math.isfinite(t) and t > 0 for t in r["times_s"]), (key, r["method"], r["times_s"])
+            assert math.isfinite(r["loss"]), (key, r["method"])
+            assert r["trainable"] > 0
+            if r["method"] != "full":
+                assert r["adapter_params"] > 0, (key, r["method"])
+
+
+def test_budgets_paths_and_ratios(quick):
+    res, _ = quick
+    for key, m in res["models"].items():
+        rows = {r["method"]: r for r in m["rows"]}
+        lora, rand = rows["lora"], rows["randlora"]
+        # match_budget: RandLoRA's adapter count is close to LoRA's
+        assert 0.5 < rand["adapter_params"] / lora["adapter_params"] < 2.0, key
+        assert rand["paths"] and ("factorised" in rand["paths"] or "merged" in rand["paths"]), rand["paths"]
+        if key == "clip":
+            assert "dW (fused param)" in rand["paths"]  # attn.in_proj_weight is adapted
+        for name in ("randlora_vs_lora_time", "vera_vs_lora_time", "full_vs_lora_time"):
+            v, paired = m["ratios"][name]
+            assert math.isfinite(v) and v > 0 and math.isfinite(paired), (key, name, v)
+        if _have_peft():
+            assert rows["peft-randlora"]["r"] == rand["r"]
+            same = rows.get(run.SAME_TARGETS, rand)
+            assert same["targets"] == rows["peft-randlora"]["targets"]
+            assert same["adapter_params"] == rows["peft-randlora"]["adapter_params"], key
+            assert math.isfinite(m["ratios"]["peft_vs_ours_randlora_time"][0])
+
+
+def test_report_written(quick):
+    res, out = quick
+    md = out.read_text()
+    assert md == res["markdown"]
+    assert "## Summary against the targets" in md and "command: `python -m benchmarks.run --quick" in md
+    for key in ("vit", "clip", "llama"):
+        assert f"| {key} | " in md
+        assert f"## {key}: " in md
+    assert md.count("| ours randlora | ") == 3
+    assert out.with_suffix(".json").exists()
+    assert torch.get_num_threads() >= 1
+
+
+def test_memory_measurement_in_process():
+    job = dict(model="vit", size="tiny", batch=2, llama_layers=1, seq=16, device="cpu", dtype="float32",
+               autocast=False, steps=2, threads=1,
+               config=dict(method="randlora", kind="randlora", impl="ours", r=4, targets=["qkv", "fc1", "fc2"],
+                           path="auto"))
+    old = torch.get_num_threads()
+    try:
+        m = run.measure_memory(job)
+    finally:
+        torch.set_num_threads(old)
+    assert math.isfinite(m["peak_mb"]) and m["peak_mb"] > 0 and m["extra_mb"] >= 0
+
+
+def test_layer_cost_model():
+    T, d, r = 1000, 768, 32
+    k = 768
+    f = lambda row, path=None: layer.cost(row, T, d, d, r, k, path, 4)[0]  # noqa: E731
+    assert f("base") == 4 * T * d * d
+    assert f("full") == 6 * T * d * d
+    assert f("lora") == 4 * T * d * d + 12 * T * r * d
+    assert f("randlora", "factorised") == 4 * T * d * d + 10 * T * k * d
+    assert f("randlora", "merged") == 6 * T * d * d + 6 * d * d * k
