@@ -425,3 +425,23 @@ def test_double_injection_is_refused():
     model = build("lora")
     with pytest.raises(ValueError, match="already carries"):
         inject(model, "randlora", target_modules=TARGETS)
+
+
+def test_sparse_bases_keep_full_rank():
+    """With very sparse ternary bases the shared A (only r rows) must not have all-zero columns,
+    which would zero whole lines of every dW (found by the CPU reproduction, E6)."""
+    from randlora.adapters.randlora import make_randlora_bases
+    b = make_randlora_bases([(64, 64)], 6, 0, "sparse", 100)
+    assert not (b.A == 0).all(dim=0).any() and not (b.B == 0).all(dim=0).any()
+    assert (b.B == 0).float().mean() > 0.95
+    torch.manual_seed(0)
+    d = 64
+    model = inject(nn.Sequential(nn.Linear(d, d)).double(), "randlora", target_modules=["0"], r=6,
+                   distribution="sparse", sparsity=20)
+    x, y = torch.randn(128, d, dtype=torch.float64), torch.randn(128, d, dtype=torch.float64)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    assert torch.linalg.matrix_rank(_delta(model, "0")) == d

@@ -62,6 +62,17 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
     g = torch.Generator().manual_seed(int(seed))
     b = draw_basis((n_max * r, big_max), g, distribution, sparsity)
     a = draw_basis((r, m_max), g, distribution, sparsity)
+    if distribution in ("sparse", "very_sparse"):
+        # The shared A has only r rows: a column of A that is all zero (probability (1 - 2/s)^r, 64 % at
+        # r = 6, s = sqrt(768)) zeroes that whole line of every dW and caps the rank below min(D, d).
+        # Redraw such columns from the same ternary law until each has a nonzero entry.
+        # (B's columns have n_max * r ~ d entries, so this matters only at toy sizes; done for both.)
+        for t in (a, b):
+            while True:
+                dead = (t == 0).all(dim=0)
+                if not dead.any():
+                    break
+                t[:, dead] = draw_basis((t.shape[0], int(dead.sum())), g, distribution, sparsity)
     spec = {"method": "randlora", "seed": int(seed), "A": [r, m_max], "B": [n_max * r, big_max],
             "distribution": distribution, "sparsity": sparsity}
     return SharedBases({"A": a, "B": b}, spec)
