@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench train clean
+.PHONY: install test test-fast bench train reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ bench: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train.py
+
+# the CPU-scale reproduction of the paper's claims (~15-20 min on 2 cores): experiments/cpu_repro/REPORT.md
+reproduce: $(STAMP)
+	$(PY) -m experiments.cpu_repro
 
 clean:
 	rm -rf $(VENV) logs outputs multirun .pytest_cache
