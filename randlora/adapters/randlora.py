@@ -19,8 +19,9 @@ Bs = B[:n*r, :M], the update is Bs^T A~ when in == m, and A~^T Bs when out == m.
 
 Compute paths (``path=``):
 * ``factorised``: y = W0 x + s Bs^T (A~ x) (or the mirrored form); a custom autograd function
-  saves only x (which the base linear keeps anyway) and lambda / gamma, and rebuilds A~ in
-  backward, so neither the (n*r x m) A~ nor the (T x n*r) hidden activation is kept.
+  saves x (which the base linear keeps anyway) and lambda / gamma, and rebuilds A~ in
+  backward, so the (n*r x m) A~ is never kept; the (T x n*r) hidden activation is kept only
+  when out < in, where recomputing it would be the largest GEMM of the path.
 * ``merged``: y = (W0 + s dW) x in one GEMM; backward rebuilds dW, so nothing but x is kept.
   Its cost does not grow with the token count T through the adapter, so it wins for large T.
 * ``auto`` (default): per call, the cheaper of the two by a FLOP count of forward + backward
@@ -81,13 +82,18 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
 def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """A~ = stack_j diag(lambda_j) A diag(gamma_j), shape (n*r, m); plain ops, no graph kept."""
     n, r = lam.shape
-    return (lam[:, :, None] * a[None] * gam[:, None, :]).reshape(n * r, a.shape[1])
+    out = lam[:, :, None] * a[None]
+    out.mul_(gam[:, None, :])  # one (n, r, m) temporary, not two
+    return out.reshape(n * r, a.shape[1])
 
 
-def _grad_lambda_gamma(g_scaled: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor):
-    """Pull the gradient of A~ back to lambda (n, r) and gamma (n, m) with two batched matmuls."""
+def _grad_lambda_gamma(g_scaled: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor,
+                       inplace: bool = False):
+    """Pull the gradient of A~ back to lambda (n, r) and gamma (n, m) with two batched matmuls.
+    ``inplace``: ``g_scaled`` is a temporary of the caller and may be overwritten."""
     n, r = lam.shape
-    ga = g_scaled.reshape(n, r, -1) * a[None]  # (n, r, m)
+    g3 = g_scaled.reshape(n, r, -1)
+    ga = g3.mul_(a[None]) if inplace else g3 * a[None]  # (n, r, m)
     g_lam = torch.bmm(ga, gam[:, :, None]).squeeze(-1)
     g_gam = torch.bmm(lam[:, None, :], ga).squeeze(1)
     return g_lam, g_gam
@@ -109,49 +115,55 @@ class _ScaledBases(torch.autograd.Function):
 
 
 class _Factorised(torch.autograd.Function):
-    """y = s * x dW^T without ever storing A~ or the (T x n*r) hidden activation."""
+    """y = s * x dW^T without storing A~; the (T x n*r) hidden activation is kept only when
+    out < in, where recomputing it would be the largest GEMM of the path (2*T*in*n*r)."""
 
     @staticmethod
     def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         sa = _scaled_a(lam, gam, a).to(dtype)
         bd = b.to(dtype)
+        h = None
         if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
             y = (x2 @ sa.t()) @ bd
         else:          # dW = A~^T Bs : x -> Bs -> A~
-            y = (x2 @ bd.t()) @ sa
-        y = y * scaling
-        ctx.save_for_backward(x, lam, gam, a, b)
+            h = x2 @ bd.t()                        # (T, n*r), kept for backward
+            y = h @ sa
+        del sa
+        y.mul_(scaling)
+        ctx.save_for_backward(x, lam, gam, a, b, h)
         ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, lam, gam, a, b = ctx.saved_tensors
+        x, lam, gam, a, b, h = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
         g2 = gy.reshape(-1, gy.shape[-1]).to(dt) * s
         sa = _scaled_a(lam, gam, a).to(dt)
         bd = b.to(dt)
         if ctx.in_small:
             gh = g2 @ bd.t()                       # (T, n*r)
             gx = gh @ sa if ctx.needs_input_grad[0] else None
-            g_sa = gh.t() @ x2                     # (n*r, in)
+            del sa
+            g_sa = gh.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (n*r, in)
         else:
-            h = x2 @ bd.t()                        # recomputed, (T, n*r)
             g_sa = h.t() @ g2                      # (n*r, out)
             gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
-        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype))
+            del sa
+        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype), inplace=True)
         if gx is not None:
             gx = gx.reshape(x.shape).to(x.dtype)
         return gx, g_lam, g_gam, None, None, None, None, None
 
 
-def _delta(lam, gam, a, b, scaling, in_small, dtype):
+def _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype):
+    """W0 + s dW in one addmm (no separate dW temporary)."""
     sa = _scaled_a(lam, gam, a).to(dtype)
     bd = b.to(dtype)
-    dw = bd.t() @ sa if in_small else sa.t() @ bd
-    return dw * scaling
+    if in_small:
+        return torch.addmm(weight.to(dtype), bd.t(), sa, alpha=scaling)
+    return torch.addmm(weight.to(dtype), sa.t(), bd, alpha=scaling)
 
 
 class _Merged(torch.autograd.Function):
@@ -159,7 +171,7 @@ class _Merged(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype):
-        w_eff = weight.to(dtype) + _delta(lam, gam, a, b, scaling, in_small, dtype)
+        w_eff = _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype)
         y = F.linear(x.to(dtype), w_eff, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, weight, lam, gam, a, b)
         ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
@@ -173,12 +185,15 @@ class _Merged(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         gx = None
         if ctx.needs_input_grad[0]:
-            w_eff = weight.to(dt) + _delta(lam, gam, a, b, s, ctx.in_small, dt)
+            w_eff = _w_eff(weight, lam, gam, a, b, s, ctx.in_small, dt)
             gx = (g2 @ w_eff).reshape(x.shape).to(x.dtype)
-        g_dw = (g2.t() @ x2) * s                   # (out, in)
+            del w_eff
+        g_dw = g2.t() @ x2                         # (out, in)
         bd = b.to(dt)
         g_sa = bd @ g_dw if ctx.in_small else bd @ g_dw.t()
-        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype))
+        del g_dw
+        g_sa.mul_(s)                               # scale the (n*r x m) result, not the (out x in) gW
+        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype), inplace=True)
         return gx, None, None, g_lam, g_gam, None, None, None, None, None
 
 
@@ -221,8 +236,8 @@ class RandLoRAUpdate(Update):
         if self.path != "auto":
             return self.path
         o, i, k = self.out_features, self.in_features, self.n * self.r
-        if needs_grad:
-            factorised = 2 * tokens * k * (2 * o + 3 * i)
+        if needs_grad:  # 5 GEMMs of width k: 2 against the big side, 3 against the small side m
+            factorised = 2 * tokens * k * (2 * max(o, i) + 3 * min(o, i))
             merged = 6 * o * i * k + 2 * tokens * o * i
         else:
             factorised = 2 * tokens * k * (o + i)
@@ -242,7 +257,11 @@ class RandLoRAUpdate(Update):
         self.last_path = path
         if path == "factorised":
             out = base(x)
-            return out + self.branch(dropout(x)).to(out.dtype)
+            # adapter GEMMs in the base layer's compute dtype (bf16 models stay bf16), lambda/gamma fp32
+            a, b = self._slices()
+            dt = self.compute_dtype(x, base.weight)
+            y = _Factorised.apply(dropout(x), self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
+            return out + y.to(out.dtype)
         a, b = self._slices()
         dt = self.compute_dtype(x, base.weight)
         y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
