@@ -4,7 +4,8 @@
   block stack), all methods interleaved in one process, peak memory per configuration.
 * ``python -m benchmarks.layer`` — one adapted linear layer, RandLoRA compute paths vs LoRA, with
   a FLOP / byte model printed next to the times.
-* ``python -m benchmarks.patch_check`` — evidence for a proposed patch to randlora/adapters/randlora.py
+* ``results/patch_check.md`` — per-layer evidence for the randlora.py patch (applied; the script that compared
+  the two versions was removed once the patch landed)
   (the proposed autograd functions are defined there and swapped in for the measurement only).
 * ``python -m benchmarks.loop`` — framework overhead vs a bare loop (written by the framework's authors).
 
