@@ -244,9 +244,9 @@ class RandLoRAUpdate(Update):
             merged = 2 * o * i * k
         return "merged" if merged < factorised else "factorised"
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         a, b = self._slices()
-        dt = self.compute_dtype(x, self.lambda_)
+        dt = dtype or self.compute_dtype(x, self.lambda_)
         return _Factorised.apply(x, self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
 
     def linear(self, x: torch.Tensor, base: nn.Linear, dropout: nn.Module) -> torch.Tensor:
@@ -258,10 +258,7 @@ class RandLoRAUpdate(Update):
         if path == "factorised":
             out = base(x)
             # adapter GEMMs in the base layer's compute dtype (bf16 models stay bf16), lambda/gamma fp32
-            a, b = self._slices()
-            dt = self.compute_dtype(x, base.weight)
-            y = _Factorised.apply(dropout(x), self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
-            return out + y.to(out.dtype)
+            return out + self.branch(dropout(x), self.compute_dtype(x, base.weight)).to(out.dtype)
         a, b = self._slices()
         dt = self.compute_dtype(x, base.weight)
         y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
