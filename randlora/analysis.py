@@ -29,6 +29,16 @@ __all__ = ["linear_cka", "layer_activations", "cka_per_layer", "plot_cka",
 PLANE_POINTS = ((0.0, 0.0), (1.0, 0.0), (0.5, 1.0))
 
 
+def _finish(fig, path):
+    """Lay out a figure; if ``path`` is given, save it there and close it. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+    return fig
+
+
 def _as_f64(x) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -187,11 +197,7 @@ def plot_cka(curves: Mapping[str, Mapping[str, float] | Sequence[float]], path=N
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 # ----------------------------------------------------------------------------------- loss plane
@@ -327,11 +333,7 @@ def plot_loss_plane(result: dict, path=None, *, clamp: float | None = 1.2, title
     ax.plot(tri[:, 0], tri[:, 1], "w--", linewidth=0.8)
     ax.set_title(title)
     ax.set_aspect("equal")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -445,8 +447,4 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path=None, *, title: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)

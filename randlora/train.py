@@ -126,7 +126,6 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from .adapters import adapter_meta
     from .callbacks import AdapterCheckpoint, KillAtStep, NonFiniteGuard, PerfMonitor
     from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
