@@ -69,7 +69,10 @@ class SharedBases(nn.Module):
         hit = self._cast_cache.get(key)
         if hit is None:
             self._cast_cache = {k: v for k, v in self._cast_cache.items() if k[0] != name or k[3] == t.data_ptr()}
-            hit = t.to(dtype)
+            # built outside inference mode: a cast first made during evaluation (Lightning validates
+            # under torch.inference_mode) must still be usable by a later training step's autograd
+            with torch.inference_mode(False), torch.no_grad():
+                hit = t.to(dtype)
             self._cast_cache[key] = hit
         return hit
 
