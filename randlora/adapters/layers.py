@@ -37,8 +37,22 @@ class Update(nn.Module):
         return x @ self.delta_weight().to(x.dtype).t()
 
     def linear(self, x: torch.Tensor, base: nn.Linear, dropout: nn.Module) -> torch.Tensor:
+        x = self.autocast_input(x)
         out = base(x)
         return out + self.branch(dropout(x)).to(out.dtype)
+
+    @staticmethod
+    def autocast_input(x: torch.Tensor) -> torch.Tensor:
+        """Under autocast, the low-precision copy of ``x`` that autocast would make inside the base
+        linear, made once here so the base layer and the update both use (and keep for backward)
+        the same copy. On CUDA, LayerNorm outputs float32 under autocast, so without this every
+        adapted layer after a norm kept one float32 or two bf16 copies of its input."""
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point():
+            dt = torch.get_autocast_dtype(dev)
+            if x.dtype != dt:
+                return x.to(dt)
+        return x
 
     @staticmethod
     def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:

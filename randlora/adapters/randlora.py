@@ -25,7 +25,8 @@ Compute paths (``path=``):
 * ``merged``: y = (W0 + s dW) x in one GEMM; backward rebuilds dW, so nothing but x is kept.
   Its cost does not grow with the token count T through the adapter, so it wins for large T.
 * ``auto`` (default): per call, the cheaper of the two by a FLOP count of forward + backward
-  (or forward only when no gradient is needed). ``last_path`` says which ran.
+  (or forward only when no gradient is needed), the factorised count weighted by the measured
+  per-FLOP cost of its GEMMs on the device (``FACTORISED_COST``). ``last_path`` says which ran.
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ from .bases import SharedBases, draw_basis
 from .layers import Update
 
 PATHS = ("auto", "factorised", "merged")
+# Time per FLOP of the factorised path relative to the merged one, by device type, for path="auto".
+# CPU: 1 (the FLOP count alone picked the faster path in benchmarks/results/layer.md). CUDA (H100, bf16,
+# benchmarks/results/gpu/layer_gpu.md): the merged path's square out x in x k GEMMs ran at 410-690
+# TFLOP/s, the factorised path's tall-skinny ones at 220-390, so by FLOPs alone auto chose the slower
+# path on LLaMA-width layers at 2,048 tokens (4096 x 4096: 2.2 ms vs 1.5 ms).
+FACTORISED_COST = {"cpu": 1.0, "cuda": 2.0}
 INITS = ("default", "vision")
 
 
@@ -121,7 +128,7 @@ class _Factorised(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        sa = _scaled_a(lam, gam, a).to(dtype)
+        sa = _scaled_a(lam, gam, a).mul_(scaling).to(dtype)  # s folded into the (n*r x m) A~, not the output
         bd = b.to(dtype)
         h = None
         if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
@@ -130,7 +137,6 @@ class _Factorised(torch.autograd.Function):
             h = x2 @ bd.t()                        # (T, n*r), kept for backward
             y = h @ sa
         del sa
-        y.mul_(scaling)
         ctx.save_for_backward(x, lam, gam, a, b, h)
         ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -139,19 +145,20 @@ class _Factorised(torch.autograd.Function):
     def backward(ctx, gy):
         x, lam, gam, a, b, h = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        g2 = gy.reshape(-1, gy.shape[-1]).to(dt) * s
-        sa = _scaled_a(lam, gam, a).to(dt)
+        g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
+        sa = _scaled_a(lam, gam, a).mul_(s).to(dt)     # s * A~, as in forward
         bd = b.to(dt)
         if ctx.in_small:
             gh = g2 @ bd.t()                       # (T, n*r)
             gx = gh @ sa if ctx.needs_input_grad[0] else None
             del sa
-            g_sa = gh.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (n*r, in)
+            g_sa = gh.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (n*r, in): gradient of s * A~
         else:
             g_sa = h.t() @ g2                      # (n*r, out)
             gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
             del sa
-        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype), inplace=True)
+        g_sa = g_sa.to(lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
+        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, a.to(lam.dtype), inplace=True)
         if gx is not None:
             gx = gx.reshape(x.shape).to(x.dtype)
         return gx, g_lam, g_gam, None, None, None, None, None
@@ -221,9 +228,11 @@ class RandLoRAUpdate(Update):
         self.lambda_ = nn.Parameter(lam)
         self.gamma = nn.Parameter(gam)
 
-    def _slices(self, dtype=None):
+    def _slices(self, dtype=None, b_dtype=None):
+        """Views of this layer's corner of the shared bases. ``b_dtype``: the B stack in the GEMM
+        dtype, from the bases' cast cache (one bf16 copy per model, not a cast per call)."""
         a = self.bases.get("A", dtype)[:, : self.m]
-        b = self.bases.get("B", dtype)[: self.n * self.r, : self.big]
+        b = self.bases.get("B", b_dtype or dtype)[: self.n * self.r, : self.big]
         return a, b
 
     def delta_weight(self) -> torch.Tensor:
@@ -232,7 +241,7 @@ class RandLoRAUpdate(Update):
         dw = b.t() @ sa if self.in_small else sa.t() @ b
         return dw * self.scaling
 
-    def choose_path(self, tokens: int, needs_grad: bool) -> str:
+    def choose_path(self, tokens: int, needs_grad: bool, device_type: str = "cpu") -> str:
         if self.path != "auto":
             return self.path
         o, i, k = self.out_features, self.in_features, self.n * self.r
@@ -242,16 +251,18 @@ class RandLoRAUpdate(Update):
         else:
             factorised = 2 * tokens * k * (o + i)
             merged = 2 * o * i * k
+        factorised *= FACTORISED_COST.get(device_type, 1.0)
         return "merged" if merged < factorised else "factorised"
 
     def branch(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        a, b = self._slices()
         dt = dtype or self.compute_dtype(x, self.lambda_)
+        a, b = self._slices(b_dtype=dt)  # A (r x m, small) stays fp32: lambda / gamma math in fp32
         return _Factorised.apply(x, self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
 
     def linear(self, x: torch.Tensor, base: nn.Linear, dropout: nn.Module) -> torch.Tensor:
+        x = self.autocast_input(x)
         needs_grad = torch.is_grad_enabled() and (self.lambda_.requires_grad or x.requires_grad)
-        path = self.choose_path(x.numel() // max(x.shape[-1], 1), needs_grad)
+        path = self.choose_path(x.numel() // max(x.shape[-1], 1), needs_grad, x.device.type)
         if not isinstance(dropout, nn.Identity) or base.weight.requires_grad:
             path = "factorised"  # the update sees dropout(x) / a trained base needs its own grad
         self.last_path = path
@@ -259,8 +270,8 @@ class RandLoRAUpdate(Update):
             out = base(x)
             # adapter GEMMs in the base layer's compute dtype (bf16 models stay bf16), lambda/gamma fp32
             return out + self.branch(dropout(x), self.compute_dtype(x, base.weight)).to(out.dtype)
-        a, b = self._slices()
         dt = self.compute_dtype(x, base.weight)
+        a, b = self._slices(b_dtype=dt)
         y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
                           self.scaling, self.in_small, dt)
         return y

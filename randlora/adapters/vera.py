@@ -47,10 +47,14 @@ class VeRAUpdate(Update):
         return ((self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)) * self.scaling
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        # The trainable vectors scale the rows of the small frozen factors (r x in, out x r) instead
+        # of the T x r and T x out activations: the same GEMMs as LoRA at this r, and nothing of size
+        # T x out is kept for backward (the gradient of b comes from the out x r product's gradient).
         dt = self.compute_dtype(x, self.vera_b)
         a, b = self._slices(dt)
-        h = F.linear(x.to(dt), a) * self.vera_d.to(dt)
-        return F.linear(h, b) * (self.vera_b.to(dt) * self.scaling)
+        a_d = self.vera_d.to(dt)[:, None] * a
+        b_b = (self.vera_b * self.scaling).to(dt)[:, None] * b
+        return F.linear(F.linear(x.to(dt), a_d), b_b)
 
     @staticmethod
     def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
