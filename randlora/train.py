@@ -205,6 +205,17 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb()
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Free this job's tensors before the next job of a multirun (which runs in the same process)."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budget", "shots", "fraction", "sweep")

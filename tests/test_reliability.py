@@ -163,3 +163,32 @@ def test_bad_config_fails_before_model_or_data(tmp_path, monkeypatch):
         run(compose_cfg(["adapter.r=1000"], tmp_path))
     assert built == []
     assert results(tmp_path)["status"] == "failed"
+
+
+def test_deferred_non_finite_check_names_the_first_bad_step(tmp_path):
+    """The CUDA mode of NonFiniteGuard (no per-step synchronisation), exercised on the CPU with
+    defer=True: the first non-finite step is remembered and reported at the next check, at epoch end
+    and before a checkpoint is written."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from randlora.callbacks import NonFiniteGuard
+
+    guard = NonFiniteGuard(str(tmp_path), check_every=100, defer=True)
+    trainer = SimpleNamespace(global_step=0, current_epoch=1, log_every_n_steps=100)
+    for step, v in enumerate([1.0, 0.5, float("nan"), float("inf"), 0.2]):
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(v)}, None, step + 10)
+    with pytest.raises(FloatingPointError, match=r"\(nan\) at step 2 \(epoch 1, batch 12\)"):
+        guard.on_save_checkpoint(trainer, None, {})
+    clean = NonFiniteGuard(str(tmp_path), check_every=2, defer=True)
+    for step in range(4):
+        trainer.global_step = step
+        clean.on_train_batch_end(trainer, None, torch.tensor(1.0), None, step)
+    clean.on_train_epoch_end(trainer, None)  # finite losses: no error
+    trainer.global_step = 4
+    clean.on_train_batch_end(trainer, None, torch.tensor(float("nan")), None, 4)
+    trainer.global_step = 5
+    with pytest.raises(FloatingPointError, match="at step 4"):  # (5 + 1) % 2 == 0: the periodic check
+        clean.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 5)
