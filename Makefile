@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench train reproduce clean
+.PHONY: install test test-fast test-cuda bench train reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# on a machine with a GPU: the CUDA invariants and a bf16 training run (tests/test_cuda.py)
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q tests/test_cuda.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -8,6 +8,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# tests/test_cuda.py needs a GPU: collected only where one is (`make test-cuda`), never skipped in place
+collect_ignore = [] if torch.cuda.is_available() else ["test_cuda.py"]
+
 torch.set_num_threads(1)  # robust to other processes on 2 cores (OpenMP oversubscription is 50x slower)
 
 
