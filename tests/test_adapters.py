@@ -473,3 +473,6 @@ def test_randlora_auto_path_weighs_the_device():
     assert upd.choose_path(2048, True, "cuda") == "merged"
     assert upd.choose_path(128, True, "cuda") == "factorised"
     assert upd.choose_path(16384, True, "cpu") == "merged"
+    wide = RandLoRAUpdate(14336, 4096, 29, 29.0, make_randlora_bases([(14336, 4096)], 29, 0))
+    assert wide.choose_path(2048, True, "cuda") == "merged"  # measured 3.5 ms merged vs 4.0 factorised
+    assert wide.choose_path(2048, True, "cpu") == "factorised"

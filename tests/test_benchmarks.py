@@ -6,7 +6,7 @@ import torch
 
 from benchmarks import layer, run
 
-EXPECTED = ["full", "lora", "vera", "randlora"]
+EXPECTED = ["full", "lora", "vera", "vera-same-r", "randlora"]
 
 
 def _have_peft():
@@ -96,3 +96,13 @@ def test_layer_cost_model():
     assert f("lora") == 4 * T * d * d + 12 * T * r * d
     assert f("randlora", "factorised") == 4 * T * d * d + 10 * T * k * d
     assert f("randlora", "merged") == 6 * T * d * d + 6 * d * d * k
+
+
+def test_profile_tool_tables_and_memory_breakdown(capsys):
+    from benchmarks import profile
+    profile.main(["--model", "vit", "--method", "randlora", "--tiny", "--steps", "1", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "ours randlora" in out and "aten::" in out
+    profile.main(["--model", "clip", "--method", "lora", "--tiny", "--memory"])
+    out = capsys.readouterr().out
+    assert "saved for backward" in out and "MB" in out

@@ -42,10 +42,11 @@ from .layers import Update
 PATHS = ("auto", "factorised", "merged")
 # Time per FLOP of the factorised path relative to the merged one, by device type, for path="auto".
 # CPU: 1 (the FLOP count alone picked the faster path in benchmarks/results/layer.md). CUDA (H100, bf16,
-# benchmarks/results/gpu/layer_gpu.md): the merged path's square out x in x k GEMMs ran at 410-690
-# TFLOP/s, the factorised path's tall-skinny ones at 220-390, so by FLOPs alone auto chose the slower
-# path on LLaMA-width layers at 2,048 tokens (4096 x 4096: 2.2 ms vs 1.5 ms).
-FACTORISED_COST = {"cpu": 1.0, "cuda": 2.0}
+# benchmarks/results/gpu/layer_h100_bf16.md): counted as in choose_path, the merged path ran at
+# 320-480 TFLOP/s and the factorised one at 155-175 on LLaMA-width layers at 2,048 tokens (ratio
+# 2.05 at 4096 x 4096, 2.8 at 14336 x 4096), so by FLOPs alone auto chose the slower path there
+# (4096 x 4096: 2.2 ms vs 1.5 ms; 14336 x 4096: 4.0 vs 3.5 ms).
+FACTORISED_COST = {"cpu": 1.0, "cuda": 2.5}
 INITS = ("default", "vision")
 
 
