@@ -16,7 +16,9 @@ from tests.conftest import TinyNet
 TARGETS = ["attn", "up", "down", "sq"]
 CASES = {
     "lora": dict(r=4),
+    "lora_scaled": dict(r=4, alpha=16),
     "vera": dict(r=16, seed=3),
+    "vera_scaled": dict(r=16, seed=3, alpha=4),
     "randlora": dict(r=4, seed=3),
     "randlora_vision_init": dict(r=4, seed=3, init="vision", scale_sqrt_n=True),
     "randlora_sparse": dict(r=4, seed=3, distribution="sparse"),

@@ -30,7 +30,8 @@ class LoRAUpdate(Update):
             x = x.to(self.lora_A.dtype)
         # the scaling goes on B (out x r), not on the T x out output: one elementwise pass over the
         # activations fewer, forward and backward
-        return F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)
+        up = self.lora_B if self.scaling == 1.0 else self.lora_B * self.scaling
+        return F.linear(F.linear(x, self.lora_A), up)
 
     @staticmethod
     def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:

@@ -53,7 +53,8 @@ class VeRAUpdate(Update):
         dt = self.compute_dtype(x, self.vera_b)
         a, b = self._slices(dt)
         a_d = self.vera_d.to(dt)[:, None] * a
-        b_b = (self.vera_b * self.scaling).to(dt)[:, None] * b
+        vb = self.vera_b if self.scaling == 1.0 else self.vera_b * self.scaling  # default alpha = r: s = 1
+        b_b = vb.to(dt)[:, None] * b
         return F.linear(F.linear(x.to(dt), a_d), b_b)
 
     @staticmethod
