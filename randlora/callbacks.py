@@ -18,6 +18,22 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def reset_peak_memory(device: torch.device | None = None) -> bool:
+    """Start a new peak: the CUDA allocator's peak, or on CPU the process's resident-set high-water
+    mark (Linux: writing 5 to /proc/self/clear_refs resets it, and ru_maxrss with it). A multirun
+    runs its jobs in one process, so without this every job would report the largest earlier peak.
+    Returns False where the CPU peak cannot be reset (then it stays process-wide)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PerfMonitor(L.Callback):
     """Median training-step time and samples/s (the first steps are warm-up and not counted).
 
@@ -40,8 +56,8 @@ class PerfMonitor(L.Callback):
         # reset a job would report the peak of an earlier one)
         self.train_peak_mb = None
         self.memory_at_start_mb = None
+        reset_peak_memory(pl_module.device)
         if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.memory_at_start_mb = torch.cuda.memory_allocated(pl_module.device) / 2**20
 
     def on_train_end(self, trainer, pl_module):

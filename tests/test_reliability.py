@@ -192,3 +192,19 @@ def test_deferred_non_finite_check_names_the_first_bad_step(tmp_path):
     trainer.global_step = 5
     with pytest.raises(FloatingPointError, match="at step 4"):  # (5 + 1) % 2 == 0: the periodic check
         clean.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 5)
+
+
+def test_cpu_peak_memory_resets_between_jobs():
+    """Each job of a multirun reports its own peak: the CPU high-water mark is reset at train start."""
+    import os
+
+    from randlora.callbacks import peak_memory_mb, reset_peak_memory
+
+    blob = torch.ones(400 * 2**20 // 4)  # 400 MB resident
+    blob.add_(1)
+    high = peak_memory_mb()
+    del blob
+    ok = reset_peak_memory(torch.device("cpu"))
+    assert ok == os.path.exists("/proc/self/clear_refs")
+    if ok:
+        assert peak_memory_mb() < high - 300, (peak_memory_mb(), high)
