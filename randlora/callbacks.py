@@ -129,8 +129,9 @@ class NonFiniteGuard(L.Callback):
     CPU: checked at every step. CUDA (or ``defer=True``): reading the loss every step would force a
     host-device synchronisation per step, so the first non-finite step and its loss are recorded on
     the device and read back every ``check_every`` steps (default: the trainer's logging interval,
-    where logging synchronises anyway), at the end of every epoch and before any checkpoint is
-    written, so a checkpoint is never saved from weights a non-finite step has touched.
+    where logging synchronises anyway), on steps where a step-triggered checkpoint is due, before
+    validation, at the end of every epoch and in ``on_save_checkpoint``, so a checkpoint is never
+    saved from weights a non-finite step has touched.
     """
 
     def __init__(self, ckpt_dir: str, check_every: int | None = None, defer: bool | None = None):
@@ -168,8 +169,19 @@ class NonFiniteGuard(L.Callback):
         info = torch.stack([value, torch.full_like(value, trainer.current_epoch), torch.full_like(value, batch_idx)])
         self._where = torch.where(new, info, self._where)
         every = self.check_every or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        if (trainer.global_step + 1) % every == 0:
+        if (trainer.global_step + 1) % every == 0 or self._save_due(trainer):
             self.check()
+
+    @staticmethod
+    def _save_due(trainer) -> bool:
+        """A step-triggered checkpoint will be written after this hook (Lightning runs checkpoint
+        callbacks last). Checked here and not only in on_save_checkpoint, which Lightning skips
+        for weights-only checkpoints."""
+        for cb in getattr(trainer, "checkpoint_callbacks", None) or []:
+            n = getattr(cb, "_every_n_train_steps", 0) or 0
+            if n and trainer.global_step % n == 0:
+                return True
+        return False
 
     def check(self):
         """Raise if a non-finite loss was recorded (one host-device synchronisation)."""
@@ -179,6 +191,10 @@ class NonFiniteGuard(L.Callback):
         if step >= 0:
             value, epoch, batch_idx = self._where.tolist()
             self._raise(value, step, int(epoch), int(batch_idx))
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.check()  # before a save at the end of validation (also weights-only ones)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.check()

@@ -205,11 +205,12 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb()
-        _release_memory()
 
 
 def _release_memory() -> None:
-    """Free this job's tensors before the next job of a multirun (which runs in the same process)."""
+    """Free a finished job's tensors before the next job of a multirun (same process). Called by
+    ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
+    Lightning's trainer <-> module references form a cycle that only a collection breaks."""
     import gc
 
     import torch
@@ -283,22 +284,28 @@ def is_multirun() -> bool:
 def main(cfg: DictConfig):
     from .models import SourceUnavailableError
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
+    message = None
     try:
         results = run(cfg)
     except expected as e:
-        msg = f"error: {e}"
         if os.environ.get("RANDLORA_TRACEBACK"):
             raise
-        print(msg, file=sys.stderr, flush=True)
+        message = f"error: {e}"
+    except Exception:
+        if not is_multirun():
+            raise
+        import traceback
+        traceback.print_exc()
+        message = ""
+    # outside the except blocks: the exception's traceback (which holds run's frame, and with it the
+    # model) is gone, so the collection can free this job's memory before the next job starts
+    _release_memory()
+    if message is not None:
+        if message:
+            print(message, file=sys.stderr, flush=True)
         if is_multirun():  # one failed job must not stop the sweep; results.json says "failed"
             return float("nan")
         sys.exit(2)
-    except Exception:
-        if is_multirun():
-            import traceback
-            traceback.print_exc()
-            return float("nan")
-        raise
     metric = cfg.get("optimized_metric")
     return results["metrics"].get(metric) if metric else None
 

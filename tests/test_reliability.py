@@ -208,3 +208,72 @@ def test_cpu_peak_memory_resets_between_jobs():
     assert ok == os.path.exists("/proc/self/clear_refs")
     if ok:
         assert peak_memory_mb() < high - 300, (peak_memory_mb(), high)
+
+
+def test_job_memory_is_released_when_the_job_returns(tmp_path, monkeypatch):
+    """After a job, main() frees its model before returning to Hydra (the next multirun job runs in
+    the same process); with automatic collection off, only that explicit release can free it."""
+    import gc
+    import weakref
+
+    import randlora.train as train_mod
+    from tests.helpers import FAST
+
+    refs = []
+    build = train_mod.build_task
+
+    def spy(*a, **k):
+        task = build(*a, **k)
+        refs.append(weakref.ref(task))
+        return task
+
+    monkeypatch.setattr(train_mod, "build_task", spy)
+    cfg = compose_cfg(["model=tiny_vit", "adapter=lora", *FAST], out_dir=tmp_path / "a")
+    gc.collect()
+    gc.disable()
+    try:
+        train_mod.main(cfg)
+        alive = refs[0]() is not None
+    finally:
+        gc.enable()
+    assert refs and not alive, "the finished job's model is still referenced"
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_deferred_guard_stops_before_any_checkpoint_of_bad_weights(tmp_path, weights_only):
+    """Deferred (CUDA-mode) non-finite check with step-triggered checkpoints: the run stops before a
+    checkpoint holds weights a NaN step touched, also for weights-only checkpoints (for which
+    Lightning does not call the callbacks' on_save_checkpoint)."""
+    import glob
+    import os
+
+    import lightning as L
+    from torch import nn
+
+    from randlora.callbacks import NonFiniteGuard
+
+    class M(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            loss = self.lin(batch[0]).pow(2).mean()
+            return loss * float("nan") if self.global_step == 3 else loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))
+            return torch.utils.data.DataLoader(data, batch_size=4)
+
+    ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2, save_last=True,
+                                             save_weights_only=weights_only)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ck, NonFiniteGuard(str(tmp_path), check_every=1000, defer=True)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        trainer.fit(M())
+    saved = {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(tmp_path / "*.ckpt"))}
+    assert saved and max(c["global_step"] for c in saved.values()) <= 3
+    assert all(torch.isfinite(v).all() for c in saved.values() for v in c["state_dict"].values())

@@ -48,8 +48,8 @@ class Update(nn.Module):
         the same copy. On CUDA, LayerNorm outputs float32 under autocast, so without this every
         adapted layer after a norm kept one float32 or two bf16 copies of its input."""
         dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.is_floating_point():
-            dt = torch.get_autocast_dtype(dev)
+        if torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dt = torch.get_autocast_dtype(dev)  # float64 is left alone, as autocast itself does
             if x.dtype != dt:
                 return x.to(dt)
         return x

@@ -46,6 +46,7 @@ PATHS = ("auto", "factorised", "merged")
 # 320-480 TFLOP/s and the factorised one at 155-175 on LLaMA-width layers at 2,048 tokens (ratio
 # 2.05 at 4096 x 4096, 2.8 at 14336 x 4096), so by FLOPs alone auto chose the slower path there
 # (4096 x 4096: 2.2 ms vs 1.5 ms; 14336 x 4096: 4.0 vs 3.5 ms).
+# Measured for bf16 training steps; applied to every dtype and to forward-only calls alike.
 FACTORISED_COST = {"cpu": 1.0, "cuda": 2.5}
 INITS = ("default", "vision")
 
