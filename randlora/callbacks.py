@@ -93,11 +93,8 @@ class PerfMonitor(L.Callback):
         self._resolve()
         times = self.times[self.warmup:] or self.times
         samples = self.samples[self.warmup:] or self.samples
-        peak = getattr(self, "train_peak_mb", None)
-        peak = peak if peak is not None else peak_memory_mb(device)
-        extra = {}
-        if getattr(self, "memory_at_start_mb", None) is not None:
-            extra["memory_at_train_start_mb"] = self.memory_at_start_mb
+        peak = self.train_peak_mb if self.train_peak_mb is not None else peak_memory_mb(device)
+        extra = {} if self.memory_at_start_mb is None else {"memory_at_train_start_mb": self.memory_at_start_mb}
         if not times:
             return {"step_time_s": None, "samples_per_s": None, "peak_memory_mb": peak, **extra}
         ordered = sorted(times)
@@ -138,8 +135,7 @@ class NonFiniteGuard(L.Callback):
         self.ckpt_dir = ckpt_dir
         self.check_every = check_every
         self.defer = defer
-        self._first = None   # device tensors: first bad global step (-1: none yet), its loss, its epoch / batch
-        self._where = None
+        self._record = None  # on the device: (first bad global step or -1, its loss, epoch, batch)
 
     def _raise(self, value, step, epoch, batch_idx):
         last = os.path.join(self.ckpt_dir, "last.ckpt")
@@ -159,15 +155,14 @@ class NonFiniteGuard(L.Callback):
             if not torch.isfinite(loss).all():
                 self._raise(float(loss.float().mean()), trainer.global_step, trainer.current_epoch, batch_idx)
             return
-        value = loss.float().mean()
-        if self._first is None:
-            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self._where = torch.zeros(3, dtype=torch.float32, device=loss.device)  # loss, epoch, batch
-        new = ~torch.isfinite(value) & (self._first < 0)
-        # python scalars go in as kernel arguments: no host-to-device copy, no synchronisation
-        self._first = torch.where(new, trainer.global_step, self._first)
-        info = torch.stack([value, torch.full_like(value, trainer.current_epoch), torch.full_like(value, batch_idx)])
-        self._where = torch.where(new, info, self._where)
+        value = loss.double().mean()
+        if self._record is None:
+            self._record = torch.full((4,), -1.0, dtype=torch.float64, device=loss.device)
+        new = ~torch.isfinite(value) & (self._record[0] < 0)
+        # python scalars go in as fill values: no host-to-device copy, no synchronisation
+        info = torch.stack([torch.full_like(value, trainer.global_step), value,
+                            torch.full_like(value, trainer.current_epoch), torch.full_like(value, batch_idx)])
+        self._record = torch.where(new, info, self._record)
         every = self.check_every or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if (trainer.global_step + 1) % every == 0 or self._save_due(trainer):
             self.check()
@@ -185,12 +180,11 @@ class NonFiniteGuard(L.Callback):
 
     def check(self):
         """Raise if a non-finite loss was recorded (one host-device synchronisation)."""
-        if self._first is None:
+        if self._record is None:
             return
-        step = int(self._first)
+        step, value, epoch, batch_idx = self._record.tolist()
         if step >= 0:
-            value, epoch, batch_idx = self._where.tolist()
-            self._raise(value, step, int(epoch), int(batch_idx))
+            self._raise(value, int(step), int(epoch), int(batch_idx))
 
     def on_validation_start(self, trainer, pl_module):
         if not trainer.sanity_checking:

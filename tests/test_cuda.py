@@ -183,6 +183,6 @@ def test_non_finite_guard_defers_on_cuda(tmp_path):
     for step, v in enumerate([1.0, float("nan"), 2.0]):
         trainer.global_step = step
         guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(v, device=DEV)}, None, step)
-    assert guard._first.device.type == "cuda"
+    assert guard._record.device.type == "cuda"
     with pytest.raises(FloatingPointError, match="at step 1"):
         guard.on_train_epoch_end(trainer, None)

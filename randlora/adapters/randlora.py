@@ -268,11 +268,11 @@ class RandLoRAUpdate(Update):
         if not isinstance(dropout, nn.Identity) or base.weight.requires_grad:
             path = "factorised"  # the update sees dropout(x) / a trained base needs its own grad
         self.last_path = path
+        # adapter GEMMs in the base layer's compute dtype (bf16 models stay bf16), lambda/gamma fp32
+        dt = self.compute_dtype(x, base.weight)
         if path == "factorised":
             out = base(x)
-            # adapter GEMMs in the base layer's compute dtype (bf16 models stay bf16), lambda/gamma fp32
-            return out + self.branch(dropout(x), self.compute_dtype(x, base.weight)).to(out.dtype)
-        dt = self.compute_dtype(x, base.weight)
+            return out + self.branch(dropout(x), dt).to(out.dtype)
         a, b = self._slices(b_dtype=dt)
         y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
                           self.scaling, self.in_small, dt)
