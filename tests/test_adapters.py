@@ -272,6 +272,39 @@ def test_randlora_custom_backward_matches_autograd_float64(shape, path):
     torch.autograd.gradcheck(lambda t: model(t), (torch.randn(3, in_f, dtype=torch.float64, requires_grad=True),))
 
 
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+@pytest.mark.parametrize("alpha", [None, 4.0])
+def test_vera_branch_matches_formula_float64(shape, alpha):
+    """VeRA's branch (M = s B * outer(b, d) built at once, then LoRA's two GEMMs) gives the outputs
+    and gradients of the textbook formula diag(b) B diag(d) A, for s = 1 and s != 1."""
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    opts = dict(r=5, seed=1) if alpha is None else dict(r=5, seed=1, alpha=alpha)
+    model = inject(nn.Sequential(nn.Linear(in_f, out_f).double()), "vera", target_modules=["0"], **opts)
+    upd = model[0].update
+    with torch.no_grad():
+        upd.vera_b.normal_()
+        upd.vera_d.normal_()
+    x = torch.randn(2, 7, in_f, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 7, out_f, dtype=torch.float64)
+    y = model(x)
+    gx, gb, gd = torch.autograd.grad(y, (x, upd.vera_b, upd.vera_d), gy)
+    vb = upd.vera_b.detach().clone().requires_grad_()
+    vd = upd.vera_d.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    a = upd.bases.A[:, :in_f].double()
+    b = upd.bases.B[:out_f, :].double()
+    dw = (vb[:, None] * b) @ (vd[:, None] * a) * upd.scaling
+    y_ref = nn.functional.linear(x2, model[0].base_layer.weight + dw, model[0].base_layer.bias)
+    rx, rb, rd = torch.autograd.grad(y_ref, (x2, vb, vd), gy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gb, rb)
+    torch.testing.assert_close(gd, rd)
+    torch.testing.assert_close(upd.delta_weight(), dw.detach())
+    torch.autograd.gradcheck(lambda t: model(t), (torch.randn(3, in_f, dtype=torch.float64, requires_grad=True),))
+
+
 def test_randlora_auto_path_picks_by_token_count():
     torch.manual_seed(0)
     model = inject(nn.Sequential(nn.Linear(64, 64)), "randlora", target_modules=["0"], r=4)

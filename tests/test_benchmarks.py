@@ -106,3 +106,19 @@ def test_profile_tool_tables_and_memory_breakdown(capsys):
     profile.main(["--model", "clip", "--method", "lora", "--tiny", "--memory"])
     out = capsys.readouterr().out
     assert "saved for backward" in out and "MB" in out
+
+
+def test_operator_counts_vera_close_to_lora():
+    """At ViT/CLIP sizes a bf16 GPU step is launch-bound, so the operators an adapted layer runs are
+    its cost. VeRA at LoRA's r runs LoRA's GEMMs (no more) and at most 4 more small operators per
+    layer (it ran 6 more before its branch built diag(b) B diag(d) in one outer product)."""
+    from benchmarks import ops
+
+    res = ops.run(models=["vit"], methods=["lora", "vera-same-r", "randlora-merged"], log=lambda *a: None)
+    rows = {r["method"]: r for r in res["vit"]["rows"]}
+    lora, vera = rows["lora"], rows["vera-same-r"]
+    assert lora["layers"] == vera["layers"] == 6
+    assert vera["ops"]["mm"] <= lora["ops"]["mm"]
+    assert 0 < vera["vs_lora_per_layer"] <= 4
+    assert rows["randlora-merged"]["vs_lora_per_layer"] <= 4
+    assert lora["optimizer"] == vera["optimizer"]  # same number of trained tensors

@@ -59,6 +59,7 @@ class SharedBases(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self._cast_cache: dict = {}
+        self._corner_cache: dict = {}
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The buffer, optionally cast; casts are cached so a bf16 copy is made once."""
@@ -76,10 +77,28 @@ class SharedBases(nn.Module):
             self._cast_cache[key] = hit
         return hit
 
+    def corner(self, name: str, dtype: torch.dtype | None, *sizes: int | None) -> torch.Tensor:
+        """``get(name, dtype)[:sizes[0], :sizes[1], ...]`` (a view; None keeps a whole dimension),
+        cached per (name, dtype, sizes): each adapted layer asks for its corner on every call, and
+        building the view (plus ``get``'s cache key) is host time a launch-bound GPU step waits on."""
+        key = (name, dtype, sizes)
+        ptr = self._buffers[name].data_ptr()
+        hit = self._corner_cache.get(key)
+        if hit is not None and hit[0] == ptr:
+            return hit[1]
+        view = self.get(name, dtype)[tuple(slice(None, n) for n in sizes)]
+        self._corner_cache[key] = (ptr, view)
+        return view
+
+    def invalidate(self) -> None:
+        """Forget the casts and corner views (after the buffers were written in place)."""
+        self._cast_cache = {}
+        self._corner_cache = {}
+
     def _apply(self, fn, *args, **kwargs):
         # Follow device moves but stay float32 (model.half() / .to(bf16) must not round the bases);
         # matmuls cast them on the fly (cached, see ``get``).
-        self._cast_cache = {}
+        self.invalidate()
         out = super()._apply(fn, *args, **kwargs)
         for k, v in self._buffers.items():
             if v is not None and v.is_floating_point() and v.dtype != torch.float32:

@@ -502,7 +502,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
                 for k in base_keys:
                     buf = bases._buffers[k[len(BASES_PREFIX):]]
                     buf.copy_(tensors[k].to(buf.dtype))
-                bases._cast_cache = {}
+                bases.invalidate()
     return model
 
 

@@ -38,8 +38,8 @@ class NoLAUpdate(Update):
         self.coef_a = nn.Parameter(torch.full((k,), 1.0 / k))  # combines the input-side bases
 
     def factors(self, dtype=None):
-        bb = self.bases.get("B", dtype)[:, : self.out_features, :]  # (k, out, r)
-        aa = self.bases.get("A", dtype)[:, :, : self.in_features]   # (k, r, in)
+        bb = self.bases.corner("B", dtype, None, self.out_features, None)  # (k, out, r)
+        aa = self.bases.corner("A", dtype, None, None, self.in_features)   # (k, r, in)
         cb = self.coef_b if dtype is None else self.coef_b.to(dtype)
         ca = self.coef_a if dtype is None else self.coef_a.to(dtype)
         up = torch.einsum("k,kor->or", cb, bb)

@@ -233,8 +233,8 @@ class RandLoRAUpdate(Update):
     def _slices(self, dtype=None, b_dtype=None):
         """Views of this layer's corner of the shared bases. ``b_dtype``: the B stack in the GEMM
         dtype, from the bases' cast cache (one bf16 copy per model, not a cast per call)."""
-        a = self.bases.get("A", dtype)[:, : self.m]
-        b = self.bases.get("B", b_dtype or dtype)[: self.n * self.r, : self.big]
+        a = self.bases.corner("A", dtype, None, self.m)
+        b = self.bases.corner("B", b_dtype or dtype, self.n * self.r, self.big)
         return a, b
 
     def delta_weight(self) -> torch.Tensor:

@@ -38,8 +38,8 @@ class VeRAUpdate(Update):
         self.vera_d = nn.Parameter(torch.full((r,), float(d_init)))
 
     def _slices(self, dtype=None):
-        a = self.bases.get("A", dtype)[:, : self.in_features]
-        b = self.bases.get("B", dtype)[: self.out_features, :]
+        a = self.bases.corner("A", dtype, None, self.in_features)
+        b = self.bases.corner("B", dtype, self.out_features, None)
         return a, b
 
     def delta_weight(self) -> torch.Tensor:
@@ -47,16 +47,25 @@ class VeRAUpdate(Update):
         return ((self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)) * self.scaling
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        # The trainable vectors scale the rows of the small frozen factors (r x in, out x r) instead
-        # of the T x r and T x out activations: the same GEMMs as LoRA at this r, and nothing of size
-        # T x out is kept for backward (the gradient of b comes from the out x r product's gradient).
+        # x A^T M^T with M = s diag(b) B diag(d) = s B * outer(b, d), built in fp32 and cast once: the
+        # branch is LoRA's two GEMMs plus three small ops on (out x r). Nothing of size T x out is
+        # kept for backward (the trained vectors' gradients come from M's, an out x r product).
+        # Few operators matter: at ViT/CLIP sizes a bf16 GPU step is launch-bound, and the earlier
+        # form (two row scalings with their casts and reductions, ~6 operators per layer more than
+        # LoRA) ran 1.15-1.2x LoRA's step on an H100 at equal GEMMs.
         dt = self.compute_dtype(x, self.vera_b)
-        a, b = self._slices(dt)
-        a_d = self.vera_d.to(dt)[:, None] * a
-        vb = self.vera_b if self.scaling == 1.0 else self.vera_b * self.scaling  # default alpha = r: s = 1
-        b_b = vb.to(dt)[:, None] * b
-        return F.linear(F.linear(x.to(dt), a_d), b_b)
+        a = self.bases.corner("A", dt, None, self.in_features)     # GEMM dtype, from the cast cache
+        b = self.bases.corner("B", None, self.out_features, None)  # float32
+        m = b * torch.outer(self.vera_b, self.vera_d)
+        if self.scaling != 1.0:  # default alpha = r: s = 1
+            m = m * self.scaling
+        if m.dtype != dt:
+            m = m.to(dt)
+        if x.dtype != dt:
+            x = x.to(dt)
+        return F.linear(F.linear(x, a), m)
 
     @staticmethod
     def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
         return out_features + r
+
