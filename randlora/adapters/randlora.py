@@ -88,6 +88,12 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
     return SharedBases({"A": a, "B": b}, spec)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already that dtype (a no-op ``to`` still costs
+    ~1 us of host time, and a launch-bound GPU step waits on the host)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """A~ = stack_j diag(lambda_j) A diag(gamma_j), shape (n*r, m); plain ops, no graph kept."""
     n, r = lam.shape
@@ -119,7 +125,7 @@ class _ScaledBases(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         lam, gam, a = ctx.saved_tensors
-        g_lam, g_gam = _grad_lambda_gamma(g.to(lam.dtype), lam, gam, a.to(lam.dtype))
+        g_lam, g_gam = _grad_lambda_gamma(_as(g, lam.dtype), lam, gam, _as(a, lam.dtype))
         return g_lam, g_gam, None
 
 
@@ -129,9 +135,9 @@ class _Factorised(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        sa = _scaled_a(lam, gam, a).mul_(scaling).to(dtype)  # s folded into the (n*r x m) A~, not the output
-        bd = b.to(dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        sa = _as(_scaled_a(lam, gam, a).mul_(scaling), dtype)  # s folded into the (n*r x m) A~, not the output
+        bd = _as(b, dtype)
         h = None
         if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
             y = (x2 @ sa.t()) @ bd
@@ -147,32 +153,32 @@ class _Factorised(torch.autograd.Function):
     def backward(ctx, gy):
         x, lam, gam, a, b, h = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
-        sa = _scaled_a(lam, gam, a).mul_(s).to(dt)     # s * A~, as in forward
-        bd = b.to(dt)
+        g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
+        sa = _as(_scaled_a(lam, gam, a).mul_(s), dt)     # s * A~, as in forward
+        bd = _as(b, dt)
         if ctx.in_small:
             gh = g2 @ bd.t()                       # (T, n*r)
             gx = gh @ sa if ctx.needs_input_grad[0] else None
             del sa
-            g_sa = gh.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (n*r, in): gradient of s * A~
+            g_sa = gh.t() @ _as(x.reshape(-1, x.shape[-1]), dt)  # (n*r, in): gradient of s * A~
         else:
             g_sa = h.t() @ g2                      # (n*r, out)
             gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
             del sa
-        g_sa = g_sa.to(lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
-        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, a.to(lam.dtype), inplace=True)
+        g_sa = _as(g_sa, lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
+        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, _as(a, lam.dtype), inplace=True)
         if gx is not None:
-            gx = gx.reshape(x.shape).to(x.dtype)
+            gx = _as(gx.reshape(x.shape), x.dtype)
         return gx, g_lam, g_gam, None, None, None, None, None
 
 
 def _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype):
     """W0 + s dW in one addmm (no separate dW temporary)."""
-    sa = _scaled_a(lam, gam, a).to(dtype)
-    bd = b.to(dtype)
+    sa = _as(_scaled_a(lam, gam, a), dtype)
+    bd = _as(b, dtype)
     if in_small:
-        return torch.addmm(weight.to(dtype), bd.t(), sa, alpha=scaling)
-    return torch.addmm(weight.to(dtype), sa.t(), bd, alpha=scaling)
+        return torch.addmm(_as(weight, dtype), bd.t(), sa, alpha=scaling)
+    return torch.addmm(_as(weight, dtype), sa.t(), bd, alpha=scaling)
 
 
 class _Merged(torch.autograd.Function):
@@ -181,7 +187,7 @@ class _Merged(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype):
         w_eff = _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype)
-        y = F.linear(x.to(dtype), w_eff, None if bias is None else bias.to(dtype))
+        y = F.linear(_as(x, dtype), w_eff, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x, weight, lam, gam, a, b)
         ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
         return y
@@ -190,19 +196,19 @@ class _Merged(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, lam, gam, a, b = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dt)
         gx = None
         if ctx.needs_input_grad[0]:
             w_eff = _w_eff(weight, lam, gam, a, b, s, ctx.in_small, dt)
-            gx = (g2 @ w_eff).reshape(x.shape).to(x.dtype)
+            gx = _as((g2 @ w_eff).reshape(x.shape), x.dtype)
             del w_eff
         g_dw = g2.t() @ x2                         # (out, in)
-        bd = b.to(dt)
+        bd = _as(b, dt)
         g_sa = bd @ g_dw if ctx.in_small else bd @ g_dw.t()
         del g_dw
         g_sa.mul_(s)                               # scale the (n*r x m) result, not the (out x in) gW
-        g_lam, g_gam = _grad_lambda_gamma(g_sa.to(lam.dtype), lam, gam, a.to(lam.dtype), inplace=True)
+        g_lam, g_gam = _grad_lambda_gamma(_as(g_sa, lam.dtype), lam, gam, _as(a, lam.dtype), inplace=True)
         return gx, None, None, g_lam, g_gam, None, None, None, None, None
 
 
