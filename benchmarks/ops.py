@@ -123,7 +123,7 @@ def run(models=MODELS, methods=METHODS, dtype: str = "bf16", log=print) -> dict:
 
 def render(results: dict, header: list[str]) -> str:
     lines = ["# Operators per training step (forward + backward, AdamW step apart)", ""]
-    lines += [f"- {h}" for h in header]
+    lines += list(header)
     lines += ["- counted with a TorchDispatchMode on tiny widths (counts do not depend on width); "
               "see `python -m benchmarks.ops --help`", ""]
     for key, res in results.items():
