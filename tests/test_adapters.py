@@ -511,3 +511,13 @@ def test_randlora_auto_path_weighs_the_device():
     wide = RandLoRAUpdate(14336, 4096, 29, 29.0, make_randlora_bases([(14336, 4096)], 29, 0))
     assert wide.choose_path(2048, True, "cuda") == "merged"  # measured 3.5 ms merged vs 4.0 factorised
     assert wide.choose_path(2048, True, "cpu") == "factorised"
+
+
+@pytest.mark.parametrize("case", ["vera", "nola", "randlora_factorised", "randlora_merged"])
+def test_shared_basis_methods_trace_without_graph_breaks(case):
+    """The bases' cast and corner caches key on data_ptr(), which torch.compile cannot trace: under
+    compilation they step aside, so an adapted model compiles to one graph."""
+    model = build(case)
+    explained = torch._dynamo.explain(model)(torch.randn(3, 5, 12))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

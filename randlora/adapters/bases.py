@@ -66,6 +66,8 @@ class SharedBases(nn.Module):
         t = self._buffers[name]
         if dtype is None or t.dtype == dtype:
             return t
+        if torch.compiler.is_compiling():  # a traced graph casts itself; data_ptr() would break the graph
+            return t.to(dtype)
         key = (name, dtype, t.device, t.data_ptr())
         hit = self._cast_cache.get(key)
         if hit is None:
@@ -81,6 +83,8 @@ class SharedBases(nn.Module):
         """``get(name, dtype)[:sizes[0], :sizes[1], ...]`` (a view; None keeps a whole dimension),
         cached per (name, dtype, sizes): each adapted layer asks for its corner on every call, and
         building the view (plus ``get``'s cache key) is host time a launch-bound GPU step waits on."""
+        if torch.compiler.is_compiling():
+            return self.get(name, dtype)[tuple(slice(None, n) for n in sizes)]
         key = (name, dtype, sizes)
         ptr = self._buffers[name].data_ptr()
         hit = self._corner_cache.get(key)
