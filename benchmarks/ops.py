@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import sysinfo
 from benchmarks.models import MODELS, build
-from benchmarks.run import PROFILES, Runner, instantiate, peft_available, plan
+from benchmarks.run import PROFILES, Runner, instantiate, parse_choices, peft_available, plan, randlora_paths
 
 METHODS = ("full", "lora", "vera-same-r", "randlora", "randlora-merged", "randlora-factorised",
            "peft-lora", "peft-vera", "peft-randlora")
@@ -83,8 +83,7 @@ def adapted_layer_count(model) -> int:
     n = sum(1 for _ in adapted_layers(model))
     if n:
         return n
-    return sum(1 for name, _ in model.named_modules()  # PEFT: its tuner layers
-               if name.endswith(("base_layer",)))
+    return sum(1 for name, _ in model.named_modules() if name.endswith("base_layer"))  # PEFT's tuner layers
 
 
 def run(models=MODELS, methods=METHODS, dtype: str = "bf16", log=print) -> dict:
@@ -108,7 +107,6 @@ def run(models=MODELS, methods=METHODS, dtype: str = "bf16", log=print) -> dict:
             res = count_step(spec, model, opt, runner, batch)
             res.update(label=c.label, method=c.method, layers=adapted_layer_count(model) if c.kind != "full" else 0)
             if c.impl == "ours" and c.kind == "randlora":
-                from benchmarks.run import randlora_paths
                 res["paths"] = randlora_paths(model)
             rows.append(res)
             log(f"  [{key}] {c.label}: {res['compute']} compute ops, {res['views']} views, "
@@ -148,14 +146,8 @@ def main(argv=None, log=print) -> dict:
                    help="bf16: bf16 weights under autocast, fp32 adapter masters (the GPU setting)")
     p.add_argument("--out", default="benchmarks/results/ops.md", help="Markdown report path ('' = none)")
     args = p.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {MODELS}")
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
+    models = parse_choices(args.models, MODELS, "model")
+    methods = parse_choices(args.methods, METHODS, "method")
     torch.set_num_threads(1)
     command = "python -m benchmarks.ops " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run(models, methods, args.dtype, log)

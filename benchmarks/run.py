@@ -503,6 +503,15 @@ def _batch_map(arg, default: dict) -> dict:
     return out
 
 
+def parse_choices(arg: str, allowed, what: str) -> list[str]:
+    """A comma list from the command line, each item checked against ``allowed``."""
+    items = [m.strip() for m in arg.split(",") if m.strip()]
+    for m in items:
+        if m not in allowed:
+            raise SystemExit(f"unknown {what} {m!r}; choose from {tuple(allowed)}")
+    return items
+
+
 def main(argv=None, log=print) -> dict:
     args = parse_args(argv)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -527,14 +536,8 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
     batches = _batch_map(args.batch, prof["batch"])
     llama_layers = args.llama_layers or prof["llama_layers"]
     seq = args.seq or prof["seq"]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {MODELS}")
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
+    models = parse_choices(args.models, MODELS, "model")
+    methods = parse_choices(args.methods, METHODS, "method")
     mem_mode = args.memory if args.memory != "auto" else ("inprocess" if device.type == "cuda" else "subprocess")
     have_peft, peft_err = peft_available()
     runner = Runner(device, dtype, not args.no_autocast)

@@ -84,15 +84,18 @@ class SharedBases(nn.Module):
         cached per (name, dtype, sizes): each adapted layer asks for its corner on every call, and
         building the view (plus ``get``'s cache key) is host time a launch-bound GPU step waits on."""
         if torch.compiler.is_compiling():
-            return self.get(name, dtype)[tuple(slice(None, n) for n in sizes)]
+            return self._view(name, dtype, sizes)
         key = (name, dtype, sizes)
         ptr = self._buffers[name].data_ptr()
         hit = self._corner_cache.get(key)
         if hit is not None and hit[0] == ptr:
             return hit[1]
-        view = self.get(name, dtype)[tuple(slice(None, n) for n in sizes)]
+        view = self._view(name, dtype, sizes)
         self._corner_cache[key] = (ptr, view)
         return view
+
+    def _view(self, name: str, dtype: torch.dtype | None, sizes: tuple) -> torch.Tensor:
+        return self.get(name, dtype)[tuple(slice(None, n) for n in sizes)]
 
     def invalidate(self) -> None:
         """Forget the casts and corner views (after the buffers were written in place)."""

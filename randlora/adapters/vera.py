@@ -37,9 +37,11 @@ class VeRAUpdate(Update):
         self.vera_b = nn.Parameter(torch.zeros(out_features))
         self.vera_d = nn.Parameter(torch.full((r,), float(d_init)))
 
-    def _slices(self, dtype=None):
-        a = self.bases.corner("A", dtype, None, self.in_features)
-        b = self.bases.corner("B", dtype, self.out_features, None)
+    def _slices(self, a_dtype=None):
+        """This layer's corner of A (optionally in ``a_dtype``, the GEMM dtype) and of B (float32:
+        the trained vectors scale it before the one cast)."""
+        a = self.bases.corner("A", a_dtype, None, self.in_features)
+        b = self.bases.corner("B", None, self.out_features, None)
         return a, b
 
     def delta_weight(self) -> torch.Tensor:
@@ -54,8 +56,7 @@ class VeRAUpdate(Update):
         # form (two row scalings with their casts and reductions, ~6 operators per layer more than
         # LoRA) ran 1.15-1.2x LoRA's step on an H100 at equal GEMMs.
         dt = self.compute_dtype(x, self.vera_b)
-        a = self.bases.corner("A", dt, None, self.in_features)     # GEMM dtype, from the cast cache
-        b = self.bases.corner("B", None, self.out_features, None)  # float32
+        a, b = self._slices(dt)
         m = b * torch.outer(self.vera_b, self.vera_d)
         if self.scaling != 1.0:  # default alpha = r: s = 1
             m = m * self.scaling
@@ -68,4 +69,3 @@ class VeRAUpdate(Update):
     @staticmethod
     def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
         return out_features + r
-
