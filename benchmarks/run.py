@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -46,6 +47,7 @@ METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "randlora-factoris
            "peft-lora", "peft-vera", "peft-randlora")
 DEFAULT_METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "peft-lora", "peft-vera", "peft-randlora")
 SAME_TARGETS = "randlora-pt"   # auto-added row: ours RandLoRA on PEFT's targets (CLIP)
+COMPILED = "+compiled"         # suffix of the rows --compile adds (the same configuration, compiled)
 TARGETS = {  # name: (threshold, "<=" or ">=")
     "randlora_vs_lora_time": (1.3, "<="),
     "peft_vs_ours_randlora_time": (1.6, ">="),
@@ -82,6 +84,7 @@ class Config:
     r: int | None
     targets: list[str] | None
     path: str | None = None     # RandLoRA compute path for ours
+    compiled: dict | None = None  # torch.compile options (randlora.compile) for a "+compiled" row
     # filled while running
     module: nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
@@ -96,19 +99,23 @@ class Config:
 
     @property
     def label(self) -> str:
-        if self.method == SAME_TARGETS:
+        return self._label + (" [compiled]" if self.compiled else "")
+
+    @property
+    def _label(self) -> str:
+        if self.method.startswith(SAME_TARGETS):
             return "ours randlora [PEFT targets]"
         if self.impl == "peft":
             return f"PEFT {self.kind}"
         if self.kind == "full":
             return "full fine-tuning"
-        if self.method == "vera-same-r":
+        if self.method.startswith("vera-same-r"):
             return "ours vera [LoRA's r]"
-        return f"ours {self.method}"
+        return f"ours {self.method.split(COMPILED)[0]}"
 
     def describe(self) -> dict:
         return {"method": self.method, "kind": self.kind, "impl": self.impl, "r": self.r,
-                "targets": self.targets, "path": self.path}
+                "targets": self.targets, "path": self.path, "compiled": self.compiled}
 
 
 def _lora_count(model: nn.Module, targets, r: int) -> int:
@@ -116,7 +123,8 @@ def _lora_count(model: nn.Module, targets, r: int) -> int:
     return sum(r * (t.out_features + t.in_features) for t in find_targets(model, targets))
 
 
-def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: bool) -> tuple[list[Config], list[str]]:
+def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: bool,
+         compile_opts: dict | None = None) -> tuple[list[Config], list[str]]:
     """The configurations to run on one model, with equal-budget ranks, plus notes."""
     from randlora.adapters import match_budget
 
@@ -158,6 +166,11 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
                 cfgs.append(Config(SAME_TARGETS, "randlora", "ours", rand_r["r"], spec.peft_targets, "auto"))
         else:
             raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    if compile_opts:
+        cfgs += [dataclasses.replace(c, method=c.method + COMPILED, compiled=dict(compile_opts), times=[])
+                 for c in cfgs]
+        notes.append(f"every configuration also runs compiled ({COMPILED} rows; randlora.compile, "
+                     f"{compile_opts}), interleaved with the eager ones")
     return cfgs, notes
 
 
@@ -199,6 +212,9 @@ def instantiate(spec: ModelSpec, cfg: Config, base: nn.Module, share: bool) -> n
             cfg.adapter_params = sum(p.numel() for n, p in model.named_parameters()
                                      if p.requires_grad and any(k in n for k in names))
     cfg.trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    if cfg.compiled:
+        from randlora.compile import compile_model
+        compile_model(model, cfg.compiled)
     return model
 
 
@@ -363,8 +379,8 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _find(cfgs, method):
-    return next((c for c in cfgs if c.method == method and not c.error and c.times), None)
+def _find(cfgs, method, suffix=""):
+    return next((c for c in cfgs if c.method == method + suffix and not c.error and c.times), None)
 
 
 def _paired(a: Config | None, b: Config | None) -> float:
@@ -381,14 +397,18 @@ def _div(a, b) -> float:
     return a / b
 
 
-def ratios(cfgs: list[Config]) -> dict:
+def ratios(cfgs: list[Config], suffix: str = "") -> dict:
+    """The target ratios among the eager rows (``suffix=""``) or among the compiled ones."""
     def t(c):
         return _median(c.times) if c else float("nan")
 
-    lora, rand, vera = _find(cfgs, "lora"), _find(cfgs, "randlora"), _find(cfgs, "vera")
-    vera_same = _find(cfgs, "vera-same-r")
-    peft_rand = _find(cfgs, "peft-randlora")
-    same = _find(cfgs, SAME_TARGETS) or rand
+    def find(method):
+        return _find(cfgs, method, suffix)
+
+    lora, rand, vera = find("lora"), find("randlora"), find("vera")
+    vera_same = find("vera-same-r")
+    peft_rand = find("peft-randlora")
+    same = find(SAME_TARGETS) or rand
     out = {
         "randlora_vs_lora_time": (t(rand) / t(lora), _paired(rand, lora)),
         "peft_vs_ours_randlora_time": (t(peft_rand) / t(same), _paired(peft_rand, same)),
@@ -396,8 +416,8 @@ def ratios(cfgs: list[Config]) -> dict:
                                       _div(rand and rand.extra_mb, lora and lora.extra_mb)),
         "vera_vs_lora_time": (t(vera_same or vera) / t(lora), _paired(vera_same or vera, lora)),
         "vera_budget_r_vs_lora_time": (t(vera) / t(lora), _paired(vera, lora)),
-        "full_vs_lora_time": (t(_find(cfgs, "full")) / t(lora), _paired(_find(cfgs, "full"), lora)),
-        "peft_lora_vs_ours_lora_time": (t(_find(cfgs, "peft-lora")) / t(lora), _paired(_find(cfgs, "peft-lora"), lora)),
+        "full_vs_lora_time": (t(find("full")) / t(lora), _paired(find("full"), lora)),
+        "peft_lora_vs_ours_lora_time": (t(find("peft-lora")) / t(lora), _paired(find("peft-lora"), lora)),
     }
     return out
 
@@ -426,8 +446,10 @@ RATIO_TEXT = {
 
 
 def model_table(spec_title: str, cfgs: list[Config], mem_label: str) -> list[str]:
-    lora = _find(cfgs, "lora")
-    t_lora = _median(lora.times) if lora else float("nan")
+    t_lora = {}
+    for suffix in ("", COMPILED):
+        lora = _find(cfgs, "lora", suffix)
+        t_lora[suffix] = _median(lora.times) if lora else float("nan")
     lines = [
         f"| method | targets | r | adapter params | trainable | step ms (median) | min-max ms | vs ours LoRA "
         f"| peak {mem_label} MB | extra MB | RandLoRA path (ours) |",
@@ -442,8 +464,22 @@ def model_table(spec_title: str, cfgs: list[Config], mem_label: str) -> list[str
         lines.append(
             f"| {c.label} | {'/'.join(c.targets or ['all'])} | {c.r if c.r else '-'} | {c.adapter_params:,} "
             f"| {c.trainable:,} | {_fmt(med * 1e3)} | {_fmt(min(c.times) * 1e3 if c.times else None)}-"
-            f"{_fmt(max(c.times) * 1e3 if c.times else None)} | {_fmt(med / t_lora, '.2f')} "
+            f"{_fmt(max(c.times) * 1e3 if c.times else None)} | {_fmt(med / t_lora[COMPILED if c.compiled else ''], '.2f')} "
             f"| {_fmt(c.peak_mb)} | {_fmt(c.extra_mb)} | {c.paths or '-'} |")
+    return lines
+
+
+def compile_lines(cfgs: list[Config]) -> list[str]:
+    """Each compiled row against its eager twin (median of per-round ratios, and of medians)."""
+    lines = ["| configuration | eager ms | compiled ms | compiled / eager | per-round estimate |", "|---|---|---|---|---|"]
+    for c in cfgs:
+        if not c.compiled:
+            continue
+        e = _find(cfgs, c.method[:-len(COMPILED)])
+        if e is None or c.error or not c.times:
+            continue
+        lines.append(f"| {e.label} | {_fmt(_median(e.times) * 1e3, '.1f')} | {_fmt(_median(c.times) * 1e3, '.1f')} "
+                     f"| {_fmt(_median(c.times) / _median(e.times), '.2f')} | {_fmt(_paired(c, e), '.2f')} |")
     return lines
 
 
@@ -484,6 +520,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vera-fallback-r", type=int, default=256, help="VeRA r when the budget is unreachable")
     p.add_argument("--memory", default="auto", choices=["auto", "subprocess", "inprocess", "none"],
                    help="peak memory: auto = in-process on CUDA, one subprocess per configuration on CPU")
+    p.add_argument("--compile", default="none", choices=["none", "blocks", "model"],
+                   help="also run every configuration compiled (randlora.compile at this scope), interleaved with "
+                        "the eager rows; the target ratios are then reported for both")
+    p.add_argument("--compile-mode", default=None,
+                   help="inductor mode for --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
+                        "max-autotune-no-cudagraphs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; default 1 on CPU (on a shared 2-core machine two OpenMP threads "
                         "stall at every barrier when another job holds a core: steps became 2-8x slower and "
@@ -540,18 +582,27 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
     methods = parse_choices(args.methods, METHODS, "method")
     mem_mode = args.memory if args.memory != "auto" else ("inprocess" if device.type == "cuda" else "subprocess")
     have_peft, peft_err = peft_available()
+    compile_opts = None
+    if args.compile != "none":
+        from randlora.compile import normalise_options
+        try:
+            compile_opts = normalise_options({"scope": args.compile, "mode": args.compile_mode})
+        except ValueError as e:
+            raise SystemExit(f"--compile-mode: {e}") from None
+        warmup = max(warmup, 2)  # the first compiled step compiles; the second may recompile (grad mode, shapes)
     runner = Runner(device, dtype, not args.no_autocast)
     header = sysinfo.describe(device, command)
     t_start = time.perf_counter()
 
     results = {"command": command, "device": str(device), "dtype": args.dtype, "autocast": runner.autocast,
-               "steps": steps, "warmup": warmup, "models": {}, "notes": []}
+               "steps": steps, "warmup": warmup, "compile": compile_opts, "models": {}, "notes": []}
     if not have_peft and any(m.startswith("peft-") for m in methods):
         results["notes"].append(f"PEFT rows skipped: `import peft` failed ({peft_err}).")
     for key in models:
         log(f"[{key}] building ({prof['size']}, batch {batches[key]})")
         spec = build(key, prof["size"], batches[key], llama_layers, seq)
-        cfgs, notes = plan(spec, methods, args.lora_r or prof["lora_r"], args.vera_fallback_r, have_peft)
+        cfgs, notes = plan(spec, methods, args.lora_r or prof["lora_r"], args.vera_fallback_r, have_peft,
+                           compile_opts)
         base = runner.prepare(spec.model)
         for c in cfgs:
             try:
@@ -596,6 +647,8 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
                       "loss": c.loss, "peak_mb": c.peak_mb, "extra_mb": c.extra_mb, "error": c.error}
                      for c in cfgs],
             "ratios": ratios(cfgs),
+            "ratios_compiled": ratios(cfgs, COMPILED) if compile_opts else None,
+            "compile_table": compile_lines(cfgs) if compile_opts else None,
             "table": model_table(spec.title, cfgs, "GPU alloc" if device.type == "cuda" else "RSS"),
         }
         del spec
@@ -631,18 +684,24 @@ def render(results: dict, header: list[str], mem_mode: str) -> str:
                "(<= 1.0) | VeRA/LoRA time, same r (<= 1.05) |", "|---|---|---|---|---|"]
     body = []
     for key, res in results["models"].items():
-        r = res["ratios"]
-        cells = []
-        for k in ("randlora_vs_lora_time", "peft_vs_ours_randlora_time", "randlora_vs_lora_peak_mem",
-                  "vera_vs_lora_time"):
-            v = r[k][0]
-            ok = _verdict(k, v)
-            cells.append(f"{_fmt(v, '.3f' if 'mem' in k else '.2f')} "
-                         f"{'(met)' if ok.startswith('met') else '(NOT met)' if ok else ''}")
-        summary.append(f"| {key} | " + " | ".join(cells) + " |")
+        for tag, r in (("", res["ratios"]), (" (compiled)", res.get("ratios_compiled"))):
+            if r is None:
+                continue
+            cells = []
+            for k in ("randlora_vs_lora_time", "peft_vs_ours_randlora_time", "randlora_vs_lora_peak_mem",
+                      "vera_vs_lora_time"):
+                v = r[k][0]
+                ok = _verdict(k, v)
+                cells.append(f"{_fmt(v, '.3f' if 'mem' in k else '.2f')} "
+                             f"{'(met)' if ok.startswith('met') else '(NOT met)' if ok else ''}")
+            summary.append(f"| {key}{tag} | " + " | ".join(cells) + " |")
         body += [f"## {key}: {res['title']}", ""]
         body += [f"- {n}" for n in res["notes"]]
-        body += ["", *res["table"], "", *ratio_lines(r), ""]
+        body += ["", *res["table"], "", *ratio_lines(res["ratios"]), ""]
+        if res.get("ratios_compiled"):
+            body += ["### Compiled rows", "", *res["compile_table"], "",
+                     "The target ratios among the compiled rows (every implementation compiled alike):", "",
+                     *ratio_lines(res["ratios_compiled"]), ""]
     return "\n".join(lines + [""] + summary + [""] + body) + "\n"
 
 

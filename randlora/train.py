@@ -153,6 +153,7 @@ def run(cfg: DictConfig) -> dict:
         dm.setup("fit")  # data errors (labels, shots) surface before the model is built
         bundle = build_model(cfg.model)
         task = build_task(cfg, bundle, dm)
+        results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
         results["params"] = task.parameter_summary()
         if rank0:
@@ -205,6 +206,20 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         finish_wandb()
+
+
+def _compile(cfg, task, verbose: bool = True) -> dict:
+    """torch.compile the task's network in place, as ``cfg.compile`` says; a short record of it."""
+    from .compile import compile_model
+    c = cfg.get("compile")
+    info = compile_model(task.net, OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c)
+    if info["enabled"]:
+        names = info.pop("compiled")
+        info["modules"] = len(names)
+    if info["enabled"] and verbose:
+        print(f"torch.compile ({info['scope']} scope, mode {info['mode'] or 'default'}, {info['backend']}): "
+              f"{len(names)} modules of {', '.join(info['classes'])}; the first steps include compile time", flush=True)
+    return info
 
 
 def _release_memory() -> None:

@@ -101,6 +101,7 @@ def validate_config(cfg, deep: bool = True) -> None:
             raise ValueError(f"effective_batch_size={eff} is not a multiple of data.batch_size x devices = "
                              f"{bs * ndev}; choose a multiple (accumulation must be a whole number)")
     _check_hardware(cfg.trainer)
+    _check_compile(cfg)
     if deep:
         check_targets_on_meta(cfg, method, opts, a)
 
@@ -125,6 +126,15 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
             _check_rank(method, full_opts, found)
     except ValueError as e:
         raise ValueError(f"adapter on model {cfg.model.name!r}: {e}") from None
+
+
+def _check_compile(cfg) -> None:
+    from .compile import normalise_options
+    c = cfg.get("compile")
+    opts = normalise_options(OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c)
+    if opts and opts["scope"] == "model" and cfg.task.kind == "clip":
+        raise ValueError("compile.scope=model compiles forward(), which the CLIP task never calls (it calls "
+                         "encode_image / encode_text); use compile.scope=blocks")
 
 
 def _check_hardware(t) -> None:

@@ -131,6 +131,13 @@ BAD = [
     (["seed=abc"], "seed='abc' must be an integer"),
     (["effective_batch_size=100"], "not a multiple of data.batch_size"),
     (["model=tiny_llama", "task.kind=classification"], "does not fit model"),
+    (["compile.enabled=true", "compile.scope=layers"], "compile.scope='layers' is unknown"),
+    (["compile.enabled=true", "compile.mode=fast"], "compile.mode='fast' is unknown"),
+    (["compile.enabled=true", "compile.backend=tensorrtt"], "compile.backend='tensorrtt' is not registered"),
+    (["compile.enabled=true", "compile.backend=aot_eager", "compile.mode=max-autotune"], "inductor backend only"),
+    (["compile.enabled=yes"], "compile.enabled='yes' must be true or false"),
+    (["+compile.foo=1"], "compile.foo is not an option"),
+    (["model=tiny_clip", "compile.enabled=true", "compile.scope=model"], "use compile.scope=blocks"),
 ]
 
 
