@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, in stages that each fit one 10-minute call:
 #   bash benchmarks/gpu_session.sh <stage> [<stage> ...]      (output under $OUT, default ./gpu_out)
-# Stages: env | test | bench | layer | profile | memory | loop | train | probe
+# Stages: env | test | bench | compile | compile-cg | layer | profile | memory | loop | train | train-compiled | probe
 # Uses the machine's python3 (with torch + CUDA); packages it lacks (hydra-core, omegaconf, open_clip,
 # peft, ...) can be put as wheels in .whl/ and are installed into /tmp/site first.
 set -u
@@ -27,6 +27,16 @@ for stage in "$@"; do
     bench)
       timeout 420 $PY -m benchmarks.run --device cuda --dtype bf16 --out "$OUT/gpu_bf16.md" > "$SCRATCH/bench.log" 2>&1
       echo "exit $?"; grep -A6 "Summary against" "$OUT/gpu_bf16.md"; grep "failed" "$OUT/gpu_bf16.md" | head ;;
+    compile|compile-cg)
+      # every configuration eager and compiled (regional: one graph per block class), interleaved in one process;
+      # compile-cg adds CUDA graphs (inductor mode reduce-overhead). One model per process: ~1 min of compiling each.
+      mode=""; [ "$stage" = compile-cg ] && mode="--compile-mode reduce-overhead"
+      for model in vit clip llama; do
+        timeout 190 $PY -m benchmarks.run --device cuda --dtype bf16 --models $model --memory none \
+          --methods lora,vera-same-r,randlora,peft-lora,peft-randlora --compile blocks $mode \
+          --out "$OUT/${stage}_$model.md" > "$SCRATCH/${stage}_$model.log" 2>&1
+        echo "$model exit $?"; grep -A5 "Summary against" "$OUT/${stage}_$model.md"; grep -A8 "^| configuration" "$OUT/${stage}_$model.md"
+      done ;;
     layer)
       timeout 240 $PY -m benchmarks.layer --device cuda --dtype bf16 --shapes 768x768,3072x768,768x3072,2304x768,4096x4096,1024x4096,14336x4096,4096x14336 --tokens 2048,12608 --reps 20 --warmup 3 --out "$OUT/layer_gpu.md" > "$OUT/layer.log" 2>&1
       echo "exit $?"; tail -40 "$OUT/layer_gpu.md" ;;
@@ -52,6 +62,13 @@ for stage in "$@"; do
       head -12 "$SCRATCH/report/report.md"
       for j in 0 1; do cp "$SCRATCH/sweep/$j/results.json" "$OUT/train_job$j.json" 2>/dev/null; done
       $PY -c "import json,sys; [print(f, json.load(open(f))['perf']) for f in sys.argv[1:]]" "$OUT"/train_job*.json ;;
+    train-compiled)
+      # the framework with compile.enabled=true: the same CLIP B/32 job as `train`, RandLoRA only
+      timeout 420 $PY train.py trainer=gpu model=clip_vitb32 model.pretrained=null data=synthetic \
+        data.synthetic.size=224 data.synthetic.per_class=500 data.num_workers=4 data.batch_size=128 data.eval_batch_size=256 \
+        data.epochs=2 adapter=randlora compile.enabled=true hydra.run.dir="$SCRATCH/compiled" > "$OUT/train_compiled.log" 2>&1
+      echo "exit $?"; cp "$SCRATCH/compiled/results.json" "$OUT/train_compiled.json" 2>/dev/null
+      $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['perf'], r['compile'], r['metrics'].get('test/acc'))" "$OUT/train_compiled.json" ;;
     probe)
       timeout 200 $PY -m benchmarks.probe_fw_memory lora randlora 2>&1 | grep -v WARN | tee "$OUT/probe.log" ;;
     *) echo "unknown stage $stage" ;;
