@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, in stages that each fit one 10-minute call:
 #   bash benchmarks/gpu_session.sh <stage> [<stage> ...]      (output under $OUT, default ./gpu_out)
-# Stages: env | test | bench | compile | compile-cg | layer | profile | memory | loop | train | train-compiled | probe
+# Stages: env | test | bench | compile-{vit,clip,llama} | cgraphs-{vit,clip,llama} | layer | profile | memory | loop | train | train-compiled | probe
 # Uses the machine's python3 (with torch + CUDA); packages it lacks (hydra-core, omegaconf, open_clip,
 # peft, ...) can be put as wheels in .whl/ and are installed into /tmp/site first.
 set -u
@@ -27,16 +27,16 @@ for stage in "$@"; do
     bench)
       timeout 420 $PY -m benchmarks.run --device cuda --dtype bf16 --out "$OUT/gpu_bf16.md" > "$SCRATCH/bench.log" 2>&1
       echo "exit $?"; grep -A6 "Summary against" "$OUT/gpu_bf16.md"; grep "failed" "$OUT/gpu_bf16.md" | head ;;
-    compile|compile-cg)
-      # every configuration eager and compiled (regional: one graph per block class), interleaved in one process;
-      # compile-cg adds CUDA graphs (inductor mode reduce-overhead). One model per process: ~1 min of compiling each.
-      mode=""; [ "$stage" = compile-cg ] && mode="--compile-mode reduce-overhead"
-      for model in vit clip llama; do
-        timeout 190 $PY -m benchmarks.run --device cuda --dtype bf16 --models $model --memory none \
-          --methods lora,vera-same-r,randlora,peft-lora,peft-randlora --compile blocks $mode \
-          --out "$OUT/${stage}_$model.md" > "$SCRATCH/${stage}_$model.log" 2>&1
-        echo "$model exit $?"; grep -A5 "Summary against" "$OUT/${stage}_$model.md"; grep -A8 "^| configuration" "$OUT/${stage}_$model.md"
-      done ;;
+    compile-vit|compile-clip|compile-llama|cgraphs-vit|cgraphs-clip|cgraphs-llama)
+      # one model, every configuration eager and compiled (regional: one graph per block class), interleaved in
+      # one process; cgraphs-* adds CUDA graphs (inductor mode reduce-overhead). Compiling takes minutes:
+      # give each call at most two of these stages.
+      model=${stage#*-}; mode=""; [ "${stage%%-*}" = cgraphs ] && mode="--compile-mode reduce-overhead"
+      timeout 280 $PY -m benchmarks.run --device cuda --dtype bf16 --models $model --memory none \
+        --methods lora,vera-same-r,randlora,peft-randlora --compile blocks $mode \
+        --out "$OUT/$stage.md" > "$SCRATCH/$stage.log" 2>&1
+      echo "exit $?"; grep -A5 "Summary against" "$OUT/$stage.md"; grep -A8 "^| configuration" "$OUT/$stage.md"
+      tail -3 "$SCRATCH/$stage.log" ;;
     layer)
       timeout 240 $PY -m benchmarks.layer --device cuda --dtype bf16 --shapes 768x768,3072x768,768x3072,2304x768,4096x4096,1024x4096,14336x4096,4096x14336 --tokens 2048,12608 --reps 20 --warmup 3 --out "$OUT/layer_gpu.md" > "$OUT/layer.log" 2>&1
       echo "exit $?"; tail -40 "$OUT/layer_gpu.md" ;;

@@ -275,6 +275,8 @@ class Runner:
     def step(self, spec: ModelSpec, model: nn.Module, opt, batch) -> tuple[float, torch.Tensor]:
         self.sync()
         t0 = time.perf_counter()
+        if self.device.type == "cuda":  # a new step for CUDA-graph trees (--compile-mode reduce-overhead)
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with self.ctx():
             loss = spec.loss(model, batch)
@@ -526,6 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None,
                    help="inductor mode for --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
                         "max-autotune-no-cudagraphs")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; default 1 on CPU (on a shared 2-core machine two OpenMP threads "
                         "stall at every barrier when another job holds a core: steps became 2-8x slower and "
@@ -586,9 +589,10 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
     if args.compile != "none":
         from randlora.compile import normalise_options
         try:
-            compile_opts = normalise_options({"scope": args.compile, "mode": args.compile_mode})
+            compile_opts = normalise_options({"scope": args.compile, "mode": args.compile_mode,
+                                              "backend": args.compile_backend})
         except ValueError as e:
-            raise SystemExit(f"--compile-mode: {e}") from None
+            raise SystemExit(f"--compile: {e}") from None
         warmup = max(warmup, 2)  # the first compiled step compiles; the second may recompile (grad mode, shapes)
     runner = Runner(device, dtype, not args.no_autocast)
     header = sysinfo.describe(device, command)

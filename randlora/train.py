@@ -216,6 +216,7 @@ def _compile(cfg, task, verbose: bool = True) -> dict:
     if info["enabled"]:
         names = info.pop("compiled")
         info["modules"] = len(names)
+        task.cudagraphs = info["mode"] in ("reduce-overhead", "max-autotune")
     if info["enabled"] and verbose:
         print(f"torch.compile ({info['scope']} scope, mode {info['mode'] or 'default'}, {info['backend']}): "
               f"{len(names)} modules of {', '.join(info['classes'])}; the first steps include compile time", flush=True)

@@ -61,6 +61,37 @@ def test_budgets_paths_and_ratios(quick):
             assert math.isfinite(m["ratios"]["peft_vs_ours_randlora_time"][0])
 
 
+def test_compiled_rows_run_interleaved_with_their_eager_twins(tmp_path):
+    """--compile adds each configuration compiled (aot_eager here: the same graphs as inductor, no
+    C++ build), times it in the same rounds, and reports the target ratios among compiled rows."""
+    torch._dynamo.reset()
+    out = tmp_path / "c.md"
+    res = run.main(["--quick", "--models", "vit", "--methods", "lora,vera-same-r,randlora", "--compile", "blocks",
+                    "--compile-backend", "aot_eager", "--steps", "2", "--warmup", "1", "--memory", "none",
+                    "--out", str(out)], log=lambda *a: None)
+    torch._dynamo.reset()
+    m = res["models"]["vit"]
+    rows = {r["method"]: r for r in m["rows"]}
+    assert set(rows) == {"lora", "vera-same-r", "randlora", "lora+compiled", "vera-same-r+compiled",
+                         "randlora+compiled"}
+    for name, r in rows.items():
+        assert not r["error"], (name, r["error"])
+        assert len(r["times_s"]) == 2
+        if name.endswith(run.COMPILED):  # its own timings, not a list shared with its eager twin
+            assert r["times_s"] is not rows[name[:-len(run.COMPILED)]]["times_s"]
+        assert bool(r["compiled"]) == name.endswith("+compiled")
+        assert math.isfinite(r["loss"])
+    assert rows["randlora+compiled"]["paths"] == rows["randlora"]["paths"]
+    assert res["warmup"] >= 2  # the first compiled step compiles, the second may recompile
+    for name in ("randlora_vs_lora_time", "vera_vs_lora_time"):
+        assert math.isfinite(m["ratios_compiled"][name][0]), name
+    text = out.read_text()
+    assert "vit (compiled)" in text and "### Compiled rows" in text and "ours randlora [compiled]" in text
+    assert len([ln for ln in m["compile_table"] if ln.startswith("| ours")]) == 3
+    with pytest.raises(SystemExit, match="compile.mode='fast'"):
+        run.main(["--quick", "--compile", "blocks", "--compile-mode", "fast"])
+
+
 def test_report_written(quick):
     res, out = quick
     md = out.read_text()

@@ -198,3 +198,39 @@ def test_train_py_with_compile_writes_the_same_files(tmp_path):
         torch.testing.assert_close(files["compiled"][k], files["eager"][k], rtol=1e-3, atol=1e-4, msg=k)
     assert runs["compiled"]["metrics"]["train/loss"] == pytest.approx(runs["eager"]["metrics"]["train/loss"],
                                                                       rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_compiled_equals_eager(tmp_path):
+    """Compiled blocks inside Lightning's DDP wrapper (2 gloo processes): gradients still reach DDP's
+    all-reduce, so the run ends where the eager DDP run ends."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["compile.enabled=true"])):
+        proc = train_cli(["trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+                          "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", f"hydra.run.dir={tmp_path / name}",
+                          *extra], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = results(tmp_path / name)
+    assert runs["compiled"]["compile"]["enabled"] and not runs["eager"]["compile"]["enabled"]
+    for k in ("train/loss", "val/loss", "test/loss"):
+        assert runs["compiled"]["metrics"][k] == pytest.approx(runs["eager"]["metrics"][k], rel=1e-4), k
+
+
+def test_cuda_graph_modes_open_a_new_graph_generation_every_step(monkeypatch, tmp_path):
+    """With compile.mode=reduce-overhead the task marks each train / val / test step for CUDA-graph
+    trees; without it, it never does."""
+    from randlora.train import build_datamodule, build_task, _compile
+    from randlora.models import build_model
+    from tests.helpers import compose_cfg
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    for mode, expect in (("reduce-overhead", True), ("max-autotune", True), ("null", False)):
+        cfg = compose_cfg(["compile.enabled=true", f"compile.mode={mode}", "compile.backend=inductor"], tmp_path)
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        task = build_task(cfg, build_model(cfg.model), dm)
+        info = _compile(cfg, task, verbose=False)
+        assert info["modules"] >= 2 and task.cudagraphs is expect
+        calls.clear()
+        task.on_train_batch_start(None, 0), task.on_validation_batch_start(None, 0), task.on_test_batch_start(None, 0)
+        assert len(calls) == (3 if expect else 0)

@@ -85,6 +85,23 @@ class AdapterTask(L.LightningModule):
     def parameter_table_text(self) -> str:
         return "" if self.adapter_info.get("method") == "full" else format_parameter_table(self.net)
 
+    # -- torch.compile with CUDA graphs (compile.mode=reduce-overhead or max-autotune): every step
+    #    opens a new generation of the graph trees, so no step reads an output the next one overwrote
+    cudagraphs = False
+
+    def _mark_step(self):
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._mark_step()
+
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0):
+        self._mark_step()
+
+    def on_test_batch_start(self, batch, batch_idx, dataloader_idx=0):
+        self._mark_step()
+
     # -- DoRA-DR: the pruning schedule follows the optimizer step count
     dynamic_rank = None
 
