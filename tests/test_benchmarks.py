@@ -153,3 +153,11 @@ def test_operator_counts_vera_close_to_lora():
     assert 0 < vera["vs_lora_per_layer"] < 5
     assert rows["randlora-merged"]["vs_lora_per_layer"] < 5
     assert lora["optimizer"] == vera["optimizer"]  # same number of trained tensors
+
+
+def test_sparse_basis_products_agree_with_dense():
+    from benchmarks import sparse_bases
+    (row,) = sparse_bases.main(["--quick", "--out", ""])
+    assert row["same"] and row["k"] == 768
+    assert abs(row["density"] - 2 / 768 ** 0.5) < 0.01  # P(+-1) = 1/s each, s = sqrt(768)
+    assert row["dense dW"] > 0 and row["sparse dW"] > 0
