@@ -44,14 +44,16 @@ from benchmarks import sysinfo
 from benchmarks.models import MODELS, ModelSpec, build
 
 METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "randlora-factorised", "randlora-merged",
-           "peft-lora", "peft-vera", "peft-randlora")
-DEFAULT_METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "peft-lora", "peft-vera", "peft-randlora")
+           "randlora-bf16-bases", "peft-lora", "peft-vera", "peft-randlora")
+DEFAULT_METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "randlora-bf16-bases", "peft-lora", "peft-vera",
+                   "peft-randlora")
 SAME_TARGETS = "randlora-pt"   # auto-added row: ours RandLoRA on PEFT's targets (CLIP)
 COMPILED = "+compiled"         # suffix of the rows --compile adds (the same configuration, compiled)
 TARGETS = {  # name: (threshold, "<=" or ">=")
     "randlora_vs_lora_time": (1.3, "<="),
     "peft_vs_ours_randlora_time": (1.6, ">="),
     "randlora_vs_lora_peak_mem": (1.0, "<="),
+    "randlora_bf16_bases_vs_lora_peak_mem": (1.0, "<="),
     "vera_vs_lora_time": (1.05, "<="),
 }
 
@@ -85,6 +87,7 @@ class Config:
     targets: list[str] | None
     path: str | None = None     # RandLoRA compute path for ours
     compiled: dict | None = None  # torch.compile options (randlora.compile) for a "+compiled" row
+    bases_dtype: str | None = None  # RandLoRA's bases_dtype option (None: the library default)
     # filled while running
     module: nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
@@ -109,13 +112,16 @@ class Config:
             return f"PEFT {self.kind}"
         if self.kind == "full":
             return "full fine-tuning"
+        if self.method.startswith("randlora-bf16-bases"):
+            return "ours randlora [bf16 bases]"
         if self.method.startswith("vera-same-r"):
             return "ours vera [LoRA's r]"
         return f"ours {self.method.split(COMPILED)[0]}"
 
     def describe(self) -> dict:
         return {"method": self.method, "kind": self.kind, "impl": self.impl, "r": self.r,
-                "targets": self.targets, "path": self.path, "compiled": self.compiled}
+                "targets": self.targets, "path": self.path, "compiled": self.compiled,
+                "bases_dtype": self.bases_dtype}
 
 
 def _lora_count(model: nn.Module, targets, r: int) -> int:
@@ -153,6 +159,8 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
             cfgs.append(Config(m, "vera", "ours", vera_r, spec.targets))
         elif m == "vera-same-r":  # VeRA at LoRA's r: the same GEMM shapes, so any gap is implementation overhead
             cfgs.append(Config(m, "vera", "ours", lora_r, spec.targets))
+        elif m == "randlora-bf16-bases":  # bases stored in bf16: no fp32 master next to the bf16 GEMM copy
+            cfgs.append(Config(m, "randlora", "ours", rand_r["r"], spec.targets, "auto", bases_dtype="bfloat16"))
         elif m.startswith("randlora"):
             path = m.split("-", 1)[1] if "-" in m else "auto"
             cfgs.append(Config(m, "randlora", "ours", rand_r["r"], spec.targets, path))
@@ -203,6 +211,8 @@ def instantiate(spec: ModelSpec, cfg: Config, base: nn.Module, share: bool) -> n
                 opts["seed"] = 0
             if cfg.kind == "randlora":
                 opts["path"] = cfg.path
+                if cfg.bases_dtype:
+                    opts["bases_dtype"] = cfg.bases_dtype
             inject(model, cfg.kind, target_modules=cfg.targets, trainable_modules=spec.trainable, **opts)
             cfg.adapter_params = sum(p.numel() for _, lay in adapted_layers(model)
                                      for p in lay.update.parameters() if p.requires_grad)
@@ -408,6 +418,7 @@ def ratios(cfgs: list[Config], suffix: str = "") -> dict:
         return _find(cfgs, method, suffix)
 
     lora, rand, vera = find("lora"), find("randlora"), find("vera")
+    rand16 = find("randlora-bf16-bases")
     vera_same = find("vera-same-r")
     peft_rand = find("peft-randlora")
     same = find(SAME_TARGETS) or rand
@@ -416,6 +427,8 @@ def ratios(cfgs: list[Config], suffix: str = "") -> dict:
         "peft_vs_ours_randlora_time": (t(peft_rand) / t(same), _paired(peft_rand, same)),
         "randlora_vs_lora_peak_mem": (_div(rand and rand.peak_mb, lora and lora.peak_mb),
                                       _div(rand and rand.extra_mb, lora and lora.extra_mb)),
+        "randlora_bf16_bases_vs_lora_peak_mem": (_div(rand16 and rand16.peak_mb, lora and lora.peak_mb),
+                                                 _div(rand16 and rand16.extra_mb, lora and lora.extra_mb)),
         "vera_vs_lora_time": (t(vera_same or vera) / t(lora), _paired(vera_same or vera, lora)),
         "vera_budget_r_vs_lora_time": (t(vera) / t(lora), _paired(vera, lora)),
         "full_vs_lora_time": (t(find("full")) / t(lora), _paired(find("full"), lora)),
@@ -440,6 +453,7 @@ RATIO_TEXT = {
     "randlora_vs_lora_time": "ours RandLoRA / ours LoRA, step time",
     "peft_vs_ours_randlora_time": "PEFT RandLoRA / ours RandLoRA (same r, same targets), step time",
     "randlora_vs_lora_peak_mem": "ours RandLoRA / ours LoRA, peak memory",
+    "randlora_bf16_bases_vs_lora_peak_mem": "ours RandLoRA with bf16 bases (bases_dtype=bfloat16) / ours LoRA, peak memory",
     "vera_vs_lora_time": "ours VeRA / ours LoRA at the same r (same GEMM shapes), step time",
     "vera_budget_r_vs_lora_time": "ours VeRA at its budget r (256 when LoRA's budget is out of reach) / ours LoRA",
     "full_vs_lora_time": "full fine-tuning / ours LoRA, step time",

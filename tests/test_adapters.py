@@ -24,6 +24,7 @@ CASES = {
     "randlora_sparse": dict(r=4, seed=3, distribution="sparse"),
     "randlora_merged": dict(r=3, seed=3, path="merged"),
     "randlora_factorised": dict(r=3, seed=3, path="factorised", dropout=0.0),
+    "randlora_bf16bases": dict(r=4, seed=3, bases_dtype="bfloat16"),
     "dora": dict(r=4),
     "dora_full_norm_grad": dict(r=4, detach_norm=False),
     "nola": dict(r=1, k=16, seed=3),
@@ -521,3 +522,61 @@ def test_shared_basis_methods_trace_without_graph_breaks(case):
     explained = torch._dynamo.explain(model)(torch.randn(3, 5, 12))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_randlora_16bit_bases_are_the_float32_draw_rounded_and_keep_their_dtype():
+    ref = shared_bases(build("randlora"))
+    model = build("randlora_bf16bases")
+    b = shared_bases(model)
+    assert b.spec["dtype"] == "bfloat16" and b.A.dtype == b.B.dtype == torch.bfloat16
+    assert torch.equal(b.B, ref.B.to(torch.bfloat16)) and torch.equal(b.A, ref.A.to(torch.bfloat16))
+    for cast in (lambda m: m.double(), lambda m: m.float(), lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        cast(model)
+        assert shared_bases(model).B.dtype == torch.bfloat16  # never widened, never re-rounded
+    assert shared_bases(build("randlora")).B.dtype == torch.float32
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        m = build("randlora")
+        cast(m)
+        assert shared_bases(m).B.dtype == torch.float32  # float32 bases are never rounded by a model cast
+
+
+def test_randlora_bf16_bases_bf16_step_keeps_no_copy_of_b(batch):
+    """In a bf16 model the GEMMs read the bf16 B in place: no cast cache entry for B (with float32
+    bases, a bf16 copy of B is cached next to the fp32 one)."""
+    x, y = batch
+    sizes = {}
+    for case in ("randlora", "randlora_bf16bases"):
+        for path in ("merged", "factorised"):
+            torch.manual_seed(0)
+            model = inject(TinyNet(), "randlora", target_modules=TARGETS, trainable_modules=["head"],
+                           **{**CASES[case], "path": path}).to(torch.bfloat16)
+            nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+            b = shared_bases(model)
+            cached_b = [v for k, v in b._cast_cache.items() if k[0] == "B"]
+            sizes[case, path] = (b.B.element_size() * b.B.numel(), sum(t.element_size() * t.numel() for t in cached_b))
+            assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), (case, path)
+    for path in ("merged", "factorised"):
+        fp32_store, fp32_cache = sizes["randlora", path]
+        bf16_store, bf16_cache = sizes["randlora_bf16bases", path]
+        assert fp32_cache == bf16_store == fp32_store // 2 and bf16_cache == 0, (path, sizes)
+
+
+def test_adapter_file_from_before_an_option_existed_still_loads(batch):
+    """Options added later (here RandLoRA's bases_dtype) take their default for older files."""
+    model = train(build("randlora"), batch)
+    state = adapter_state_dict(model)
+    state["__adapter_meta__"]["options"].pop("bases_dtype")
+    with torch.no_grad():
+        y = model(batch[0])
+    load_adapter_state_dict(model, state)  # into the adapted model: no spurious option mismatch
+    torch.manual_seed(0)
+    fresh = TinyNet()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                           if ".update." not in k})
+    load_adapter_state_dict(fresh, state)  # into a fresh model: injected with the default (float32)
+    assert shared_bases(fresh).B.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch[0]), y, rtol=0, atol=0)
+    other = adapter_state_dict(build("randlora_bf16bases"))
+    with pytest.raises(ValueError, match="options.bases_dtype: model has 'float32', file has 'bfloat16'"):
+        load_adapter_state_dict(model, other)

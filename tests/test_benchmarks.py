@@ -6,7 +6,7 @@ import torch
 
 from benchmarks import layer, run
 
-EXPECTED = ["full", "lora", "vera", "vera-same-r", "randlora"]
+EXPECTED = ["full", "lora", "vera", "vera-same-r", "randlora", "randlora-bf16-bases"]
 
 
 def _have_peft():

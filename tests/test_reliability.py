@@ -114,6 +114,7 @@ BAD = [
     (["adapter.sparsity=1"], "sparsity s must be >= 2"),
     (["adapter.init=xavier"], "unknown RandLoRA init"),
     (["adapter.path=sparse"], "unknown RandLoRA path"),
+    (["adapter.bases_dtype=int8"], "bases_dtype='int8' is unknown"),
     (["+adapter.foo=1"], "unknown option(s) ['foo']"),
     (["data.shots=0"], "data.shots=0 must be a positive integer"),
     (["data.shots=-2"], "must be a positive integer"),

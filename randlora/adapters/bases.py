@@ -56,6 +56,12 @@ class SharedBases(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], spec: dict):
         super().__init__()
         self.spec = dict(spec)
+        # the dtype the bases are stored in, whatever the model is cast to (float32 unless an adapter
+        # option chose a 16-bit storage, e.g. RandLoRA's bases_dtype)
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"shared bases must have one dtype, got {sorted(map(str, dtypes))}")
+        self.storage_dtype = dtypes.pop()
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=False)
         self._cast_cache: dict = {}
@@ -103,13 +109,14 @@ class SharedBases(nn.Module):
         self._corner_cache = {}
 
     def _apply(self, fn, *args, **kwargs):
-        # Follow device moves but stay float32 (model.half() / .to(bf16) must not round the bases);
-        # matmuls cast them on the fly (cached, see ``get``).
+        # Follow device moves but keep the storage dtype (model.half() / .to(bf16) must not round
+        # float32 bases, and model.float() must not double 16-bit ones); matmuls cast them on the fly
+        # (cached, see ``get``).
         self.invalidate()
         out = super()._apply(fn, *args, **kwargs)
         for k, v in self._buffers.items():
-            if v is not None and v.is_floating_point() and v.dtype != torch.float32:
-                self._buffers[k] = v.float()
+            if v is not None and v.is_floating_point() and v.dtype != self.storage_dtype:
+                self._buffers[k] = v.to(self.storage_dtype)
         return out
 
     def extra_repr(self) -> str:

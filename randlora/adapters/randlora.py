@@ -55,8 +55,11 @@ def num_bases(out_features: int, in_features: int, r: int) -> int:
     return math.ceil(min(out_features, in_features) / r)
 
 
+BASES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distribution: str = "uniform",
-                        sparsity: float | None = None) -> SharedBases:
+                        sparsity: float | None = None, dtype: str = "float32") -> SharedBases:
     """One B stack and one A for all target shapes, drawn from a generator seeded with ``seed``.
 
     For ``very_sparse`` the sparsity defaults to s = sqrt(m_max) (the paper's "sqrt(D)" row,
@@ -84,8 +87,10 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
                     break
                 t[:, dead] = draw_basis((t.shape[0], int(dead.sum())), g, distribution, sparsity)
     spec = {"method": "randlora", "seed": int(seed), "A": [r, m_max], "B": [n_max * r, big_max],
-            "distribution": distribution, "sparsity": sparsity}
-    return SharedBases({"A": a, "B": b}, spec)
+            "distribution": distribution, "sparsity": sparsity, "dtype": dtype}
+    # drawn in float32 from the same generator whatever the storage: 16-bit bases are the float32
+    # ones rounded once, so every run with this seed and dtype has the same bases
+    return SharedBases({"A": a.to(BASES_DTYPES[dtype]), "B": b.to(BASES_DTYPES[dtype])}, spec)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .dora import DoRAUpdate
 from .dora_dr import DoRADRUpdate, start_rank
 from .lora import LoRAUpdate
 from .nola import NoLAUpdate, make_nola_bases
-from .randlora import INITS, PATHS, RandLoRAUpdate, make_randlora_bases, num_bases
+from .randlora import BASES_DTYPES, INITS, PATHS, RandLoRAUpdate, make_randlora_bases, num_bases
 from .vera import VeRAUpdate, make_vera_bases
 
 
@@ -49,6 +49,8 @@ def _validate_randlora(o):
         raise _err(f"unknown RandLoRA init {o['init']!r}; choose one of {list(INITS)}")
     if o["path"] not in PATHS:
         raise _err(f"unknown RandLoRA path {o['path']!r}; choose one of {list(PATHS)}")
+    if o["bases_dtype"] not in BASES_DTYPES:
+        raise _err(f"bases_dtype={o['bases_dtype']!r} is unknown; choose one of {list(BASES_DTYPES)}")
 
 
 def _validate_nola(o):
@@ -97,13 +99,13 @@ REGISTRY: dict[str, MethodSpec] = {
         knob_range=lambda limit: range(1, 8193)),
     "randlora": MethodSpec(
         "randlora", {"r": 8, "alpha": None, "dropout": 0.0, "seed": 0, "scale_sqrt_n": False, "init": "default",
-                     "distribution": "uniform", "sparsity": None, "path": "auto"},
+                     "distribution": "uniform", "sparsity": None, "path": "auto", "bases_dtype": "float32"},
         build=lambda o, i, opts, bases, w: RandLoRAUpdate(o, i, opts["r"], opts["alpha"], bases,
                                                           opts["scale_sqrt_n"], opts["init"], opts["path"]),
         param_shapes=_rl_shapes,
         default_alpha=lambda opts: 10.0,
         make_bases=lambda shapes, opts: make_randlora_bases(shapes, opts["r"], opts["seed"], opts["distribution"],
-                                                            opts["sparsity"]),
+                                                            opts["sparsity"], opts["bases_dtype"]),
         validate=_validate_randlora),
     "dora_dr": MethodSpec(
         "dora_dr", {"r": 8, "alpha": 8.0, "dropout": 0.0, "init_rank_factor": 1.5, "prune_start_ratio": 0.15,
