@@ -178,7 +178,9 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
         cfgs += [dataclasses.replace(c, method=c.method + COMPILED, compiled=dict(compile_opts), times=[])
                  for c in cfgs]
         notes.append(f"every configuration also runs compiled ({COMPILED} rows; randlora.compile, "
-                     f"{compile_opts}), interleaved with the eager ones")
+                     f"{compile_opts}), interleaved with the eager ones. Dynamo keeps every configuration's graphs "
+                     "for the shared block class and checks their guards on each call, so compiled rows pay a "
+                     "little guard time a single-configuration run would not (a bias against them)")
     return cfgs, notes
 
 
@@ -343,6 +345,9 @@ def measure_memory(job: dict) -> dict:
     spec.model = None
     opt = runner.optimizer(model)
     batch = spec.make_batch(device, dtype)
+    if cfg.compiled:  # compile (and record CUDA graphs) before the baseline: the compiler's memory is not the step's
+        for _ in range(3):
+            runner.step(spec, model, opt, batch)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -603,11 +608,15 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
     if args.compile != "none":
         from randlora.compile import normalise_options
         try:
+            # static shapes, as the framework uses for images: every model here has one input shape per
+            # tower, and automatic dynamic shapes would make CLIP's two towers (one block class) symbolic
             compile_opts = normalise_options({"scope": args.compile, "mode": args.compile_mode,
-                                              "backend": args.compile_backend})
+                                              "backend": args.compile_backend, "dynamic": False})
         except ValueError as e:
             raise SystemExit(f"--compile: {e}") from None
-        warmup = max(warmup, 2)  # the first compiled step compiles; the second may recompile (grad mode, shapes)
+        # the first compiled step compiles, the second may recompile; CUDA-graph trees then warm up,
+        # record and replay, so they need one more
+        warmup = max(warmup, 3 if args.compile_mode in ("reduce-overhead", "max-autotune") else 2)
     runner = Runner(device, dtype, not args.no_autocast)
     header = sysinfo.describe(device, command)
     t_start = time.perf_counter()
@@ -639,11 +648,13 @@ def _run(args, command: str, device: torch.device, dtype: torch.dtype, prof: dic
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if mem_mode != "none":
+            # on the CPU the peak is the process's max RSS, which would include the compiler's own memory:
+            # compiled rows are measured on CUDA only (after their compile steps)
+            live = [c for c in cfgs if not c.error and not (c.compiled and mem_mode == "subprocess")]
             jobs = [dict(model=key, size=prof["size"], batch=batches[key], llama_layers=llama_layers, seq=seq,
                          device=str(device), dtype=str(dtype).replace("torch.", ""), autocast=runner.autocast,
                          steps=2, threads=torch.get_num_threads(), config=c.describe())
-                    for c in cfgs if not c.error]
-            live = [c for c in cfgs if not c.error]
+                    for c in live]
             if mem_mode == "subprocess":
                 mem = memory_subprocess(jobs, log)
             else:

@@ -29,6 +29,9 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # new input shapes; a benchmark process compiles several adapter variants of one block class. The
 # default limit (8 per code object) would silently fall back to eager there.
 RECOMPILE_LIMIT = 64
+# registered backends whose package is imported only at the first compiled call
+_BACKEND_PACKAGES = {"tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla", "tensorrt": "torch_tensorrt",
+                     "torch_tensorrt": "torch_tensorrt", "onnxrt": "onnxruntime", "ipex": "intel_extension_for_pytorch"}
 
 
 def normalise_options(opts) -> dict | None:
@@ -65,6 +68,12 @@ def normalise_options(opts) -> dict | None:
     backends = set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}
     if backend not in backends:
         raise ValueError(f"compile.backend={backend!r} is not registered; choose one of {sorted(backends)}")
+    need = _BACKEND_PACKAGES.get(backend)
+    if need is not None:
+        import importlib.util
+        if importlib.util.find_spec(need) is None:
+            raise ValueError(f"compile.backend={backend!r} needs the package {need!r}, which is not installed; "
+                             "use compile.backend=inductor")
     if mode is not None and backend != "inductor":
         raise ValueError(f"compile.mode={mode!r} applies to the inductor backend only (compile.backend={backend!r}); "
                          "set compile.mode=null")
@@ -78,29 +87,40 @@ def normalise_options(opts) -> dict | None:
 
 
 def _is_block(module: nn.Module) -> bool:
-    """A block holds layers; a layer (Linear, an adapted layer, a norm) is not one."""
+    """A block holds several layers (a transformer block: attention and MLP projections); a layer
+    (Linear, an adapted layer, an attention module with one projection) is not one."""
     from .adapters.layers import _Wrapper
     if isinstance(module, (nn.Linear, _Wrapper, nn.ModuleList, nn.Sequential)):
         return False
-    return any(isinstance(m, (nn.Linear, _Wrapper)) for m in module.modules())
+    layers = sum(isinstance(m, nn.Linear) or (isinstance(m, _Wrapper)) for m in module.modules())
+    return layers >= 2
+
+
+def _stack(mod: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The blocks of ``mod`` if it is a stack (a ModuleList / Sequential whose children, ignoring
+    nn.Identity padding, are blocks of one class), else None."""
+    if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+        return None
+    kids = [(k, c) for k, c in mod.named_children() if not isinstance(c, nn.Identity)]
+    if len(kids) < (1 if isinstance(mod, nn.ModuleList) else 2):
+        return None
+    if len({type(c) for _, c in kids}) != 1 or not _is_block(kids[0][1]):
+        return None
+    return kids
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The block stacks of ``model``: the children of every ModuleList (>= 1 child) or Sequential
-    (>= 2 children) whose children are all blocks of one class, outermost stacks first; a block
-    inside a listed block is not listed again."""
+    """The blocks of the model's innermost block stacks: the children of every ModuleList (>= 1
+    block) or Sequential (>= 2 blocks) whose children are blocks of one class (nn.Identity padding
+    ignored). A stack of stages (Swin, ConvNeXt) gives the blocks inside each stage, not the stages."""
+    stacks = {name: kids for name, mod in model.named_modules() if (kids := _stack(mod)) is not None}
     found: list[tuple[str, nn.Module]] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
-            continue
-        if any(name.startswith(f + ".") for f, _ in found):
-            continue
-        kids = list(mod.named_children())
-        if len(kids) < (1 if isinstance(mod, nn.ModuleList) else 2):
-            continue
-        if len({type(k) for _, k in kids}) != 1 or not _is_block(kids[0][1]):
-            continue
-        found += [(f"{name}.{k}" if name else k, kid) for k, kid in kids]
+    for name, kids in stacks.items():
+        prefix = f"{name}." if name else ""
+        inner = [other for other in stacks if other != name and other.startswith(prefix)]
+        if inner:
+            continue  # its blocks hold stacks of their own: compile those instead
+        found += [(prefix + k, kid) for k, kid in kids]
     return found
 
 
@@ -114,7 +134,7 @@ def compile_model(model: nn.Module, opts) -> dict:
     if o is None:
         return {"enabled": False}
     import torch._dynamo.config as dc
-    dc.recompile_limit = max(dc.recompile_limit, RECOMPILE_LIMIT)
+    dc.recompile_limit = max(dc.recompile_limit, RECOMPILE_LIMIT)  # process-wide; never lowered
     kw = {"backend": o["backend"], "fullgraph": o["fullgraph"], "dynamic": o["dynamic"]}
     if o["mode"] is not None:
         kw["mode"] = o["mode"]
@@ -128,7 +148,11 @@ def compile_model(model: nn.Module, opts) -> dict:
     for _, mod in targets:
         mod.compile(**kw)
     classes = sorted({type(m).__name__ for _, m in targets})
-    return {"enabled": True, **o, "compiled": [n or "<model>" for n, _ in targets], "classes": classes}
+    from .adapters.core import adapted_layers
+    inside = {id(m) for _, t in targets for m in t.modules()}
+    outside = [n for n, layer in adapted_layers(model) if id(layer) not in inside]
+    return {"enabled": True, **o, "compiled": [n or "<model>" for n, _ in targets], "classes": classes,
+            "adapted_layers_not_compiled": outside}
 
 
 def is_compiled(module: nn.Module) -> bool:

@@ -210,6 +210,31 @@ def test_loglik_scores_match_unpadded_sums(tiny_task):
     assert text.strip() == batch["cand_text"][j]
 
 
+def test_generation_runs_eager_when_the_blocks_are_compiled(tiny_task):
+    """Decoding with a KV cache would specialise every compiled layer on its cache slot (2 graphs per
+    layer) and exhaust the recompile limit, leaving training eager; generate_texts runs eager."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from randlora.compile import compile_model
+    task, dm = tiny_task
+    batch = next(iter(dm.test_dataloader()))
+    want = task.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2])
+    compiled = copy.deepcopy(task)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_model(compiled.net, {"backend": "eager"})
+        assert compiled.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2]) == want
+        assert counters["stats"]["unique_graphs"] == 0  # nothing was traced while decoding
+        with torch.no_grad():  # while the forward pass itself is compiled
+            compiled.net(input_ids=batch["prompt_ids"][:2], attention_mask=batch["prompt_mask"][:2], use_cache=False)
+        assert counters["stats"]["unique_graphs"] >= 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_batched_left_padded_generation_matches_single(tiny_task):
     task, dm = tiny_task
     batch = next(iter(dm.test_dataloader()))

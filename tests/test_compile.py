@@ -52,6 +52,76 @@ def test_block_stacks_found_in_each_family():
     assert info["compiled"] == ["<model>"] and is_compiled(mlp)
 
 
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn, self.mlp = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.mlp(self.attn(x))
+
+
+class _Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Block(), _Block())
+        self.down = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.down(self.blocks(x))
+
+
+def test_innermost_stacks_identity_padding_and_single_projection_lists():
+    # hierarchical (Swin / ConvNeXt style): the blocks inside each stage, not the stages
+    staged = nn.Sequential(_Stage(), _Stage())
+    assert [n for n, _ in repeated_blocks(staged)] == ["0.blocks.0", "0.blocks.1", "1.blocks.0", "1.blocks.1"]
+    # DINOv2's chunked layout pads each chunk with nn.Identity
+    chunked = nn.ModuleList([nn.Sequential(_Block(), _Block(), nn.Identity(), nn.Identity()),
+                             nn.Sequential(nn.Identity(), nn.Identity(), _Block(), _Block())])
+    assert [n for n, _ in repeated_blocks(chunked)] == ["0.0", "0.1", "1.2", "1.3"]
+    # an attention module with one projection is a layer, not a block
+    assert repeated_blocks(nn.ModuleList([nn.MultiheadAttention(8, 2)])) == []
+
+
+def test_adapted_layers_outside_the_blocks_are_reported():
+    model = tiny_vit()
+    inject(model, "lora", target_modules=["qkv", "head"], r=2)
+    info = compile_model(model, {"backend": "eager"})
+    assert info["adapted_layers_not_compiled"] == ["head"]
+
+
+def test_uninstalled_backend_is_refused_up_front():
+    import importlib.util
+    if importlib.util.find_spec("tvm") is None:
+        with pytest.raises(ValueError, match="needs the package 'tvm'"):
+            normalise_options({"backend": "tvm"})
+    assert normalise_options({"backend": "aot_eager"})["backend"] == "aot_eager"
+
+
+def test_framework_compile_record_reset_and_static_image_shapes(monkeypatch, tmp_path):
+    """Each job starts from an empty dynamo cache (a sweep's earlier jobs would fill the recompile
+    limit); image tasks compile with static shapes, language models with automatic ones."""
+    from randlora.models import build_model
+    from randlora.train import _compile, build_datamodule, build_task
+    from tests.helpers import compose_cfg
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    seen = {}
+    for model, extra in (("tiny_vit_digits", []), ("tiny_llama", ["data=commonsense_tiny"])):
+        for enabled in ("true", "false"):
+            cfg = compose_cfg([f"model={model}", *extra, f"compile.enabled={enabled}", "compile.backend=eager"], tmp_path)
+            dm = build_datamodule(cfg)
+            dm.setup("fit")
+            task = build_task(cfg, build_model(cfg.model), dm)
+            resets.clear()
+            seen[model, enabled] = _compile(cfg, task, verbose=False)
+            assert len(resets) == (1 if enabled == "true" else 0)
+    assert seen["tiny_vit_digits", "true"]["dynamic"] is False
+    assert seen["tiny_llama", "true"]["dynamic"] is None
+    assert seen["tiny_vit_digits", "false"] == {"enabled": False}
+    assert seen["tiny_vit_digits", "true"]["adapted_layers_not_compiled"] == 0
+
+
 def _adapted(family, method, **opts):
     model = {"vit": tiny_vit, "clip": tiny_clip, "llama": tiny_llama}[family]().double()
     targets = {"vit": ["qkv", "fc1", "fc2"], "clip": ["in_proj", "c_fc", "c_proj"],

@@ -139,7 +139,11 @@ class CausalLMTask(AdapterTask):
         cfg = GenerationConfig(max_new_tokens=self.opts["max_new_tokens"], num_beams=self.opts["num_beams"],
                                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                bos_token_id=tok.bos_token_id, use_cache=True)
-        seqs = self.net.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
+        # eager even when the blocks are compiled: decoding with a KV cache specialises every layer on its
+        # cache slot (2 graphs per layer and step kind), which would exhaust dynamo's recompile limit and
+        # leave the training steps after it running eager
+        with torch.compiler.set_stance("force_eager"):
+            seqs = self.net.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
         return tok.batch_decode(seqs[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
