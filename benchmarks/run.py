@@ -285,10 +285,10 @@ class Runner:
         return torch.optim.AdamW(params, lr=1e-4)
 
     def step(self, spec: ModelSpec, model: nn.Module, opt, batch) -> tuple[float, torch.Tensor]:
-        self.sync()
-        t0 = time.perf_counter()
         if self.device.type == "cuda":  # a new step for CUDA-graph trees (--compile-mode reduce-overhead)
             torch.compiler.cudagraph_mark_step_begin()
+        self.sync()
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with self.ctx():
             loss = spec.loss(model, batch)

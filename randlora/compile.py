@@ -7,8 +7,8 @@ around its GEMMs) and removes the Python time between them.
 
 Two scopes:
 
-* ``blocks`` (default): compile each block of the model's block stacks (the children of every
-  ``nn.ModuleList`` / ``nn.Sequential`` whose children are blocks of one class: timm's
+* ``blocks`` (default): compile each block of the model's innermost block stacks (the children of
+  every ``nn.ModuleList`` / ``nn.Sequential`` whose children are blocks of one class: timm's
   ``blocks``, open_clip's ``resblocks`` in both towers, LLaMA's ``layers``). Blocks of one class
   share one compiled graph, so compile time does not grow with depth, and every entry point of the
   model (CLIP's ``encode_image`` / ``encode_text``, ``generate``) runs compiled blocks.
@@ -92,8 +92,7 @@ def _is_block(module: nn.Module) -> bool:
     from .adapters.layers import _Wrapper
     if isinstance(module, (nn.Linear, _Wrapper, nn.ModuleList, nn.Sequential)):
         return False
-    layers = sum(isinstance(m, nn.Linear) or (isinstance(m, _Wrapper)) for m in module.modules())
-    return layers >= 2
+    return sum(isinstance(m, (nn.Linear, _Wrapper)) for m in module.modules()) >= 2
 
 
 def _stack(mod: nn.Module) -> list[tuple[str, nn.Module]] | None:

@@ -211,13 +211,8 @@ def run(cfg: DictConfig) -> dict:
 def _compile(cfg, task, verbose: bool = True) -> dict:
     """torch.compile the task's network in place, as ``cfg.compile`` says; a short record of it."""
     from .compile import compile_model, normalise_options
-    c = cfg.get("compile")
-    opts = OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c
-    if isinstance(opts, dict) and opts.get("dynamic") is None and cfg.task.kind in ("classification", "clip"):
-        # images have one size: static shapes. With automatic dynamic shapes CLIP's two towers (one
-        # block class, two widths) turned width and length symbolic (38 s compile vs 5 s, and CUDA
-        # graphs skip dynamic graphs); a smaller last batch costs one more static graph instead
-        opts = {**opts, "dynamic": False}
+    from .validate import compile_options
+    opts = compile_options(cfg)
     if normalise_options(opts) is not None:
         import torch._dynamo
         # a fresh cache per job: in a multirun every job compiles its own adapter variant of the same
@@ -225,17 +220,18 @@ def _compile(cfg, task, verbose: bool = True) -> dict:
         # job of a sweep ran eager)
         torch._dynamo.reset()
     info = compile_model(task.net, opts)
-    if info["enabled"]:
-        names = info.pop("compiled")
-        info["modules"] = len(names)
-        task.cudagraphs = info["mode"] in ("reduce-overhead", "max-autotune")
-        if info["adapted_layers_not_compiled"] and verbose:
-            print(f"torch.compile: {len(info['adapted_layers_not_compiled'])} adapted layers lie outside the "
-                  f"compiled blocks and run eager (e.g. {info['adapted_layers_not_compiled'][0]})", flush=True)
-        info["adapted_layers_not_compiled"] = len(info["adapted_layers_not_compiled"])
-    if info["enabled"] and verbose:
+    if not info["enabled"]:
+        return info
+    task.cudagraphs = info["mode"] in ("reduce-overhead", "max-autotune")
+    outside = info["adapted_layers_not_compiled"]
+    info["modules"], info["adapted_layers_not_compiled"] = len(info.pop("compiled")), len(outside)
+    if verbose:
         print(f"torch.compile ({info['scope']} scope, mode {info['mode'] or 'default'}, {info['backend']}): "
-              f"{len(names)} modules of {', '.join(info['classes'])}; the first steps include compile time", flush=True)
+              f"{info['modules']} modules of {', '.join(info['classes'])}; the first steps include compile time",
+              flush=True)
+        if outside:
+            print(f"torch.compile: {len(outside)} adapted layers lie outside the compiled blocks and run eager "
+                  f"(e.g. {outside[0]})", flush=True)
     return info
 
 
