@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, in stages that each fit one 10-minute call:
 #   bash benchmarks/gpu_session.sh <stage> [<stage> ...]      (output under $OUT, default ./gpu_out)
-# Stages: env | test | bench | compile-{vit,clip,llama} | cgraphs-{vit,clip,llama} | layer | profile | memory | loop | train | train-compiled | sparse | probe
+# Stages: env | test | bench | compile-{vit,clip,llama} | cgraphs-{vit,clip,llama} | layer | profile | memory | loop | train | train-compiled | sparse | attn | probe
 # Uses the machine's python3 (with torch + CUDA); packages it lacks (hydra-core, omegaconf, open_clip,
 # peft, ...) can be put as wheels in .whl/ and are installed into /tmp/site first.
 set -u
@@ -71,6 +71,9 @@ for stage in "$@"; do
       $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['perf'], r['compile'], r['metrics'].get('test/acc'))" "$OUT/train_compiled.json" ;;
     sparse)
       for dt in fp32 bf16; do timeout 120 $PY -m benchmarks.sparse_bases --device cuda --dtype $dt --out "$OUT/sparse_$dt.md" 2>&1 | tail -5; done ;;
+    attn)
+      # CLIP B/32 b128 bf16: the adapted attention's self-attention path vs the materialised-weight fallback
+      timeout 300 $PY -m benchmarks.attn_path --device cuda --dtype bf16 --out "$OUT/attn_path_h100.md" 2>&1 | tail -14 ;;
     probe)
       timeout 200 $PY -m benchmarks.probe_fw_memory lora randlora 2>&1 | grep -v WARN | tee "$OUT/probe.log" ;;
     *) echo "unknown stage $stage" ;;

@@ -248,16 +248,9 @@ def _peft_wrap(model: nn.Module, cfg: Config, trainable) -> nn.Module:
 
 def randlora_paths(model: nn.Module) -> str:
     """'factorised x36' style summary of the compute path each of our RandLoRA layers last ran."""
-    from randlora.adapters import adapted_layers
-    from randlora.adapters.layers import AdaptedParameter
+    from randlora.adapters import compute_paths, format_paths
 
-    counts: dict[str, int] = {}
-    for _, layer in adapted_layers(model):
-        if not hasattr(layer.update, "lambda_"):
-            continue
-        p = "dW (fused param)" if isinstance(layer, AdaptedParameter) else str(layer.update.last_path)
-        counts[p] = counts.get(p, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    return format_paths(compute_paths(model))
 
 
 # --------------------------------------------------------------------------------------------- steps

@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from .adapters import save_adapter
+from .adapters import compute_paths, format_paths, save_adapter
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -41,6 +41,10 @@ class PerfMonitor(L.Callback):
     On CUDA the step is timed with CUDA events read back once per epoch, never with a per-step
     synchronize, which would stall the CPU until the GPU drains and cost the overlap of the next
     step's launches with this step's kernels (the framework-vs-bare-loop benchmark lost ~9 % to it).
+
+    For methods that choose a compute path per layer and call (RandLoRA), the paths of the first
+    training step are printed (rank 0) and, with those of the last step, reported in ``summary()``
+    as ``compute_paths`` (``{"first_step": {"merged": 24, ...}, "last_step": {...}}``).
     """
 
     OUTLIER = 10.0
@@ -53,18 +57,22 @@ class PerfMonitor(L.Callback):
         self._pending: list = []  # CUDA: (start event, end event) not read yet
         self.train_peak_mb = None
         self.memory_at_start_mb = None
+        self.paths: dict = {}
 
     def on_train_start(self, trainer, pl_module):
         # peak memory of this job's training (a multirun runs its jobs in one process: without the
         # reset a job would report the peak of an earlier one)
         self.train_peak_mb = None
         self.memory_at_start_mb = None
+        self.paths = {}
         reset_peak_memory(pl_module.device)
         if pl_module.device.type == "cuda":
             self.memory_at_start_mb = torch.cuda.memory_allocated(pl_module.device) / 2**20
 
     def on_train_end(self, trainer, pl_module):
         self.train_peak_mb = peak_memory_mb(pl_module.device)
+        if self.paths:
+            self.paths["last_step"] = compute_paths(getattr(pl_module, "net", pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.device.type == "cuda":
@@ -85,6 +93,13 @@ class PerfMonitor(L.Callback):
         self._t0 = None
         first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
         self.samples.append(len(first))
+        if len(self.samples) == 1:
+            paths = compute_paths(getattr(pl_module, "net", pl_module))
+            if paths:
+                self.paths = {"first_step": paths}
+                if trainer.is_global_zero:
+                    print(f"[randlora] compute paths at the first training step: {format_paths(paths)}",
+                          flush=True)
 
     def _resolve(self):
         for start, end in self._pending:
@@ -98,6 +113,8 @@ class PerfMonitor(L.Callback):
         samples = self.samples[self.warmup:] or self.samples
         peak = self.train_peak_mb if self.train_peak_mb is not None else peak_memory_mb(device)
         extra = {} if self.memory_at_start_mb is None else {"memory_at_train_start_mb": self.memory_at_start_mb}
+        if self.paths:
+            extra["compute_paths"] = dict(self.paths)
         if not times:
             return {"step_time_s": None, "samples_per_s": None, "peak_memory_mb": peak, **extra}
         ordered = sorted(times)
@@ -112,7 +129,7 @@ class PerfMonitor(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         s = self.summary(pl_module.device)
         for k, v in s.items():
-            if v is not None:
+            if v is not None and not isinstance(v, dict):
                 pl_module.log(f"perf/{k}", float(v), rank_zero_only=True)
 
 

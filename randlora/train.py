@@ -294,6 +294,13 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     if perf.get("samples_per_s"):
         lines.append(f"throughput         {perf['samples_per_s']:.1f} samples/s, peak memory "
                      f"{perf['peak_memory_mb']:.0f} MB")
+    paths = perf.get("compute_paths")
+    if paths:
+        from .adapters import format_paths
+        first = paths.get("first_step", {})
+        last = paths.get("last_step", first)
+        lines.append(f"compute paths      {format_paths(first)} (first step)"
+                     + ("" if last == first else f"; {format_paths(last)} (last step)"))
     lines.append(f"run folder         {results['run_dir']}")
     lines += notes
     print("\n".join(lines), flush=True)

@@ -353,6 +353,185 @@ def test_attention_in_proj_adapters_get_gradients(method, batch):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+MHA_METHODS = {"lora": dict(r=4), "vera": dict(r=8, seed=4),
+               "randlora_factorised": dict(r=3, seed=4, path="factorised"),
+               "randlora_merged": dict(r=3, seed=4, path="merged"), "randlora_auto": dict(r=3, seed=4),
+               "dora": dict(r=4), "nola": dict(r=1, k=4, seed=4)}
+
+
+def _mha_masks(n, length, heads):
+    g = torch.Generator().manual_seed(2)
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    pad[0, -2:] = True
+    return {
+        "none": {},
+        "bool_2d": {"attn_mask": causal},
+        "float_2d_causal": {"attn_mask": torch.zeros(length, length, dtype=torch.float64)
+                            .masked_fill(causal, float("-inf"))},  # open_clip's text mask
+        "float_3d": {"attn_mask": torch.randn(n * heads, length, length, generator=g, dtype=torch.float64)},
+        "padding": {"key_padding_mask": pad},
+        "float_padding_and_float_2d": {  # additive float masks both
+            "key_padding_mask": torch.zeros(n, length, dtype=torch.float64).masked_fill(pad, float("-inf")),
+            "attn_mask": torch.randn(length, length, generator=g, dtype=torch.float64)},
+    }
+
+
+class _SelfAttn(nn.Module):
+    def __init__(self, batch_first=True, dropout=0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, dropout=dropout)
+
+    def forward(self, x, **kw):
+        return self.attn(x, x, x, need_weights=False, **kw)[0]
+
+
+def _nonzero_mha_adapter(case, batch_first=True, dropout=0.0):
+    torch.manual_seed(0)
+    model = _SelfAttn(batch_first, dropout).double()
+    inject(model, method_of(case), target_modules=["attn"], **MHA_METHODS[case])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.attn.update.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+def _materialised_reference(model, x, **kw):
+    """torch's own nn.MultiheadAttention with in_proj_weight = W0 + dW (dW in the autograd graph)."""
+    wrapper = model.attn
+    w = wrapper.base_layer.in_proj_weight + wrapper.update.delta_weight()
+    return torch.func.functional_call(wrapper.base_layer, {"in_proj_weight": w}, (x, x, x),
+                                      dict(need_weights=False, **kw))[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "bool_2d", "float_2d_causal", "float_3d", "padding",
+                                  "float_padding_and_float_2d"])
+@pytest.mark.parametrize("case", list(MHA_METHODS))
+def test_self_attention_path_matches_torch_mha_float64(case, mask, batch_first):
+    """The self-attention path (q/k/v projection through the update's own linear, then SDPA) gives the
+    output and gradients of torch's MultiheadAttention run on the materialised W0 + dW."""
+    model = _nonzero_mha_adapter(case, batch_first)
+    n, length = 3, 5
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, length, 16, generator=g, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
+    x.requires_grad_(True)
+    kw = _mha_masks(n, length, 4)[mask]
+    params = [x, *model.attn.update.parameters()]
+    y = model(x, **kw)
+    got = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
+    ref_y = _materialised_reference(model, x, **kw)
+    ref = torch.autograd.grad((ref_y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
+    upd = model.attn.update
+    if hasattr(upd, "last_path"):  # RandLoRA: the projection ran one of its own paths, not the fallback
+        assert upd.last_path in ("factorised", "merged")
+        if upd.path != "auto":
+            assert upd.last_path == upd.path
+    torch.testing.assert_close(y, ref_y, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if not batch_first:
+        assert y.is_contiguous()  # (L, N, E) laid out as torch returns it: .view() works on it
+    model.eval()  # inference: torch's MHA takes its own fused kernel there; same numbers
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, **kw), _materialised_reference(model, x, **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["lora", "randlora_factorised", "randlora_merged", "dora"])
+def test_self_attention_path_under_cpu_autocast(case):
+    """bf16 autocast on a float32 model: the path is as close to the float64 result as torch's MHA on
+    W0 + dW is (bf16 rounding, ~1 %); a float64 model, which autocast leaves alone, stays exact."""
+    model = _nonzero_mha_adapter(case)
+    x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    with torch.no_grad():
+        truth = _materialised_reference(model, x, attn_mask=causal)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y64 = model(x, attn_mask=causal)
+        assert y64.dtype == torch.float64
+        torch.testing.assert_close(y64, truth, rtol=1e-10, atol=1e-10)
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x.float(), attn_mask=causal)
+            ref = _materialised_reference(model, x.float(), attn_mask=causal)
+    assert y.dtype == ref.dtype == torch.bfloat16
+
+    def err(t):
+        return float((t.double() - truth).norm() / truth.norm())
+    assert err(y) < 0.03 and err(y) < 1.5 * err(ref) + 1e-3, (err(y), err(ref))
+
+
+def test_self_attention_path_dropout_draws_as_torch_mha():
+    model = _nonzero_mha_adapter("lora", dropout=0.3)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = model(x)
+    torch.manual_seed(7)
+    ref = _materialised_reference(model, x)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    model.eval()  # no dropout in eval: two calls agree
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["randlora_factorised", "lora"])
+def test_other_attention_calls_fall_back_to_the_materialised_weight(case):
+    """Attention weights, cross-attention, unbatched input and the is_causal hint go through torch's
+    MultiheadAttention on W0 + dW, unchanged, and wrong mask shapes get torch's own error."""
+    model = _nonzero_mha_adapter(case)
+    attn, base = model.attn, model.attn.base_layer
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    mem = torch.randn(3, 7, 16, generator=g, dtype=torch.float64)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    w = base.in_proj_weight + attn.update.delta_weight()
+    calls = [((x, x, x), {}),                                     # need_weights defaults to True
+             ((x, mem, mem), {"need_weights": False}),            # cross-attention
+             ((x[0], x[0], x[0]), {"need_weights": False}),       # unbatched
+             ((x, x, x), {"need_weights": False, "attn_mask": causal, "is_causal": True})]
+    for args, kw in calls:
+        got = attn(*args, **kw)
+        ref = torch.func.functional_call(base, {"in_proj_weight": w}, args, kw)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        assert (got[1] is None) == (ref[1] is None)
+        if hasattr(attn.update, "last_path"):
+            assert attn.update.last_path == "materialised"
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        attn(x, x, x, need_weights=False, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
+    with pytest.raises(AssertionError, match="only bool and floating"):  # torch refuses integer masks
+        attn(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.float64),
+             key_padding_mask=torch.zeros(3, 5, dtype=torch.long))
+
+
+def test_randlora_merged_path_gives_a_hand_unfrozen_bias_its_gradient(batch):
+    """The adapter never trains base biases, but a user may unfreeze one: both paths then give it
+    the same gradient (the merged path used to return none)."""
+    grads = {}
+    for path in ("merged", "factorised"):
+        torch.manual_seed(0)
+        model = inject(TinyNet().double(), "randlora", target_modules=["up"], r=4, seed=1, path=path)
+        model.up.base_layer.bias.requires_grad_(True)
+        nn.functional.cross_entropy(model(batch[0].double()), batch[1]).backward()
+        assert model.up.update.last_path == path
+        grads[path] = model.up.base_layer.bias.grad
+    assert grads["merged"] is not None and grads["merged"].abs().sum() > 0
+    torch.testing.assert_close(grads["merged"], grads["factorised"], rtol=1e-12, atol=1e-12)
+
+
+def test_randlora_in_proj_picks_its_path_by_token_count():
+    """An nn.MultiheadAttention in_proj target follows RandLoRA's auto path choice like a Linear layer."""
+    torch.manual_seed(0)
+    model = inject(_SelfAttn(), "randlora", target_modules=["attn"], r=2, seed=1)
+    upd = model.attn.update
+    for tokens in (4, 4096):
+        x = torch.randn(1, tokens, 16)
+        model(x).sum().backward()
+        assert upd.last_path == upd.choose_path(tokens, True, "cpu")
+    assert {upd.choose_path(4, True), upd.choose_path(4096, True)} == {"factorised", "merged"}
+
+
 def test_bases_shared_not_copied():
     model = build("randlora")
     ptrs = {layer.update.bases.B.data_ptr() for _, layer in adapted_layers(model)}

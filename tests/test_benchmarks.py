@@ -48,8 +48,8 @@ def test_budgets_paths_and_ratios(quick):
         # match_budget: RandLoRA's adapter count is close to LoRA's
         assert 0.5 < rand["adapter_params"] / lora["adapter_params"] < 2.0, key
         assert rand["paths"] and ("factorised" in rand["paths"] or "merged" in rand["paths"]), rand["paths"]
-        if key == "clip":
-            assert "dW (fused param)" in rand["paths"]  # attn.in_proj_weight is adapted
+        if key == "clip":  # attn.in_proj_weight is adapted, through the self-attention path
+            assert "materialised" not in rand["paths"] and "not run" not in rand["paths"], rand["paths"]
         for name in ("randlora_vs_lora_time", "vera_vs_lora_time", "full_vs_lora_time"):
             v, paired = m["ratios"][name]
             assert math.isfinite(v) and v > 0 and math.isfinite(paired), (key, name, v)
@@ -161,3 +161,20 @@ def test_sparse_basis_products_agree_with_dense():
     assert row["same"] and row["k"] == 768
     assert abs(row["density"] - 2 / 768 ** 0.5) < 0.01  # P(+-1) = 1/s each, s = sqrt(768)
     assert row["dense dW"] > 0 and row["sparse dW"] > 0
+
+
+def test_attention_path_benchmark_compares_both_paths(tmp_path):
+    """benchmarks.attn_path times each method with the self-attention path and with the materialised
+    fallback; the fallback rows really run the fallback (RandLoRA reports 'materialised' layers)."""
+    from benchmarks import attn_path
+
+    out = tmp_path / "attn.md"
+    text = attn_path.main(["--size", "tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    assert out.read_text() == text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "materialised" not in rows["randlora r=4 fast"] and "factorised" in rows["randlora r=4 fast"]
+    assert "materialised x4" in rows["randlora r=4 fallback"]
+    for method in ("lora r=4", "randlora r=4", "vera r=4"):
+        ratio = float(rows[f"{method} fast"].split(" | ")[3])
+        assert math.isfinite(ratio) and ratio > 0
+    assert "RandLoRA / LoRA step:" in text

@@ -138,6 +138,23 @@ def test_resume_from_run_folder_continues(tmp_path):
 
 
 @pytest.mark.slow
+def test_randlora_compute_paths_are_reported(tmp_path, capsys):
+    """Which RandLoRA path each layer ran goes to the log and results.json; CLIP's attention in_proj
+    layers run RandLoRA's own paths (the self-attention path), never the materialised fallback."""
+    cfg = compose_cfg(["model=tiny_clip", "data=digits", "adapter=randlora", *FAST], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed"
+    paths = results(tmp_path)["perf"]["compute_paths"]
+    n_layers = sum(paths["first_step"].values())  # every adapted layer ran and is counted once
+    assert set(paths["first_step"]) <= {"factorised", "merged"} and n_layers > 0
+    assert set(paths["last_step"]) <= {"factorised", "merged"}
+    assert sum(paths["last_step"].values()) == n_layers
+    out = capsys.readouterr().out
+    assert "compute paths at the first training step: " in out and "compute paths      " in out
+    lora = run(compose_cfg(["model=tiny_clip", "data=digits", "adapter=lora", *FAST], tmp_path / "lora"))
+    assert "compute_paths" not in lora["perf"]  # a method without a path choice reports none
+
+
 def test_default_command_runs_quickstart(tmp_path):
     out = train_cli([f"hydra.run.dir={tmp_path}"], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

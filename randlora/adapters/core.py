@@ -198,6 +198,23 @@ def adapted_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTED_TYPES)]
 
 
+def compute_paths(model: nn.Module) -> dict[str, int]:
+    """How many adapted layers ran each compute path on their last call, for methods that choose one
+    per call (RandLoRA: ``factorised`` / ``merged``; ``materialised`` is a fused-parameter call that
+    built dW in full; ``not run`` a layer not called yet). Empty for other methods."""
+    counts: dict[str, int] = {}
+    for _, layer in adapted_layers(model):
+        if hasattr(layer.update, "last_path"):
+            p = layer.update.last_path or "not run"
+            counts[p] = counts.get(p, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def format_paths(counts: dict[str, int]) -> str:
+    """``{'factorised': 48, 'merged': 24}`` -> ``'factorised x48, merged x24'``."""
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -5,16 +5,23 @@ Two kinds of target exist:
 * ``AdaptedLinear`` wraps an ``nn.Linear`` (timm's fused ``qkv``, LLaMA's ``q_proj`` ...).
   The update decides how to compute ``base(x) + x dW^T`` (factorised or merged).
 * ``AdaptedParameter`` wraps any module whose 2-D weight *parameter* is used directly by
-  its forward (``nn.MultiheadAttention.in_proj_weight`` in open_clip's CLIP). The module is
-  called through ``torch.func.functional_call`` with ``W0 + dW`` in place of ``W0``, so the
-  update stays in the autograd graph. (The official RandLoRA code wrote ``W0 + dW`` into
-  ``.data`` here, which silently cut the attention adapters out of training.)
+  its forward (``nn.MultiheadAttention.in_proj_weight`` in open_clip's CLIP).
+  - Self-attention through an ``nn.MultiheadAttention`` (query, key and value the same tensor,
+    no attention weights asked for: every CLIP block) runs the attention itself: the packed
+    q/k/v projection goes through the update's ``linear`` like any Linear layer, so RandLoRA
+    picks its factorised or merged path there too, then SDPA and the output projection,
+    with ``nn.MultiheadAttention``'s mask semantics.
+  - Any other call is made through ``torch.func.functional_call`` with ``W0 + dW`` in place of
+    ``W0``, so the update stays in the autograd graph (it materialises dW every call).
+  (The official RandLoRA code wrote ``W0 + dW`` into ``.data`` here, which silently cut the
+  attention adapters out of training.)
 
 Both expose ``merge()`` / ``unmerge()`` that fold ``dW`` into the base weight in place.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -56,10 +63,11 @@ class Update(nn.Module):
 
     @staticmethod
     def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
-        """The dtype adapter matmuls run in: the autocast dtype when autocast is on,
-        otherwise the adapter parameters' dtype (fp32 master weights)."""
+        """The dtype adapter matmuls run in: the autocast dtype when autocast is on (float64 inputs
+        excepted: autocast leaves those alone), otherwise the adapter parameters' dtype (fp32 master
+        weights)."""
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
             return torch.get_autocast_dtype(dev)
         return param.dtype
 
@@ -123,6 +131,31 @@ class AdaptedLinear(_Wrapper):
         return self.update.linear(x, self.base_layer, self.dropout)
 
 
+class _PackedInProj:
+    """``nn.MultiheadAttention``'s packed q/k/v projection seen as the Linear ``Update.linear`` expects
+    (``weight``, ``bias`` and a call)."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# nn.MultiheadAttention.forward's parameters, in order
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may not attend) as the additive float mask nn.MultiheadAttention makes."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
+
+
 class AdaptedParameter(_Wrapper):
     """Adapts ``getattr(base_layer, param_name)`` (a 2-D ``(out, in)`` weight)."""
 
@@ -136,6 +169,11 @@ class AdaptedParameter(_Wrapper):
         self.param_name = param_name
         w = getattr(base_layer, param_name)
         self.out_features, self.in_features = w.shape
+        b = base_layer
+        # the configurations the self-attention path reproduces (a plain nn.MultiheadAttention)
+        self._mha = (isinstance(b, nn.MultiheadAttention) and param_name == "in_proj_weight"
+                     and b._qkv_same_embed_dim and b.bias_k is None and b.bias_v is None
+                     and not b.add_zero_attn)
 
     def _base_weight(self):
         return getattr(self.base_layer, self.param_name)
@@ -143,9 +181,55 @@ class AdaptedParameter(_Wrapper):
     def forward(self, *args, **kwargs):
         if self.merged:
             return self.base_layer(*args, **kwargs)
+        if self._mha and len(args) <= len(_MHA_ARGS):
+            call = dict(zip(_MHA_ARGS, args))
+            if not call.keys() & kwargs.keys() and kwargs.keys() <= set(_MHA_ARGS):
+                call.update(kwargs)
+                out = self._self_attention(**call)
+                if out is not None:
+                    return out
+        if hasattr(self.update, "last_path"):
+            self.update.last_path = "materialised"  # dW built in full for this call
         w = self._base_weight()
         w_eff = w + self.update.delta_weight().to(w.dtype)
         return functional_call(self.base_layer, {self.param_name: w_eff}, args, kwargs)
+
+    def _self_attention(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False):
+        """nn.MultiheadAttention's self-attention with the q/k/v projection through the update's
+        ``linear``; None when the call is outside what it reproduces (the caller falls back)."""
+        mha = self.base_layer
+        x = query
+        if (key is not x or value is not x or need_weights or is_causal or x.dim() != 3 or x.is_nested
+                or x.shape[-1] != mha.embed_dim):
+            return None
+        if not mha.batch_first:
+            x = x.transpose(0, 1)
+        n, length, e = x.shape
+        h = mha.num_heads
+        if any(m is not None and m.dtype != torch.bool and not m.is_floating_point()
+               for m in (attn_mask, key_padding_mask)):
+            return None  # integer masks: MultiheadAttention itself refuses them
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.shape == (length, length):
+                mask = _additive_mask(attn_mask, query.dtype)
+            elif attn_mask.shape == (n * h, length, length):
+                mask = _additive_mask(attn_mask, query.dtype).view(n, h, length, length)
+            else:
+                return None  # a wrong shape: MultiheadAttention itself raises its error
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (n, length):
+                return None
+            pad = _additive_mask(key_padding_mask, query.dtype).view(n, 1, 1, length)
+            mask = pad if mask is None else mask + pad
+        qkv = self.update.linear(x, _PackedInProj(mha.in_proj_weight, mha.in_proj_bias), self.dropout)
+        q, k, v = qkv.reshape(n, length, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)  # (n, h, L, e/h) each
+        o = F.scaled_dot_product_attention(q, k, v, mask, mha.dropout if mha.training else 0.0)
+        o = F.linear(o.transpose(1, 2).reshape(n, length, e), mha.out_proj.weight, mha.out_proj.bias)
+        if not mha.batch_first:
+            o = o.transpose(0, 1).contiguous()  # (L, N, E) laid out as MultiheadAttention returns it
+        return o, None  # no attention weights (need_weights=False), so average_attn_weights is moot
 
 
 ADAPTED_TYPES = (AdaptedLinear, AdaptedParameter)

@@ -195,6 +195,7 @@ class _Merged(torch.autograd.Function):
         y = F.linear(_as(x, dtype), w_eff, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x, weight, lam, gam, a, b)
         ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -214,7 +215,9 @@ class _Merged(torch.autograd.Function):
         del g_dw
         g_sa.mul_(s)                               # scale the (n*r x m) result, not the (out x in) gW
         g_lam, g_gam = _grad_lambda_gamma(_as(g_sa, lam.dtype), lam, gam, _as(a, lam.dtype), inplace=True)
-        return gx, None, None, g_lam, g_gam, None, None, None, None, None
+        # a bias someone unfroze by hand still gets its gradient (the adapter never trains it)
+        g_bias = _as(g2.sum(0), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return gx, None, g_bias, g_lam, g_gam, None, None, None, None, None
 
 
 class RandLoRAUpdate(Update):
