@@ -190,11 +190,8 @@ def run(cfg: DictConfig) -> dict:
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
         results["bases_checksum"] = task.bases_checksum
         results["status"] = "completed"
-        _to_wandb(loggers, results)
         if rank0:
             write_json_atomic(results_path, results)
-            _print_summary(results, notes)
-        return results
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -204,6 +201,17 @@ def run(cfg: DictConfig) -> dict:
             except OSError:
                 pass
         raise
+    else:
+        # reporting comes after the completed results.json: a W&B or printing problem here is
+        # reported, and never turns a finished job into a failed one
+        for what, report in (("W&B summary", lambda: _to_wandb(loggers, results)),
+                             ("summary", lambda: rank0 and _print_summary(results, notes))):
+            try:
+                report()
+            except Exception as e:  # noqa: BLE001 - the job itself has completed
+                print(f"[randlora] warning: writing the {what} failed ({type(e).__name__}: {e}); "
+                      f"the job completed and {results_path} is written", file=sys.stderr, flush=True)
+        return results
     finally:
         finish_wandb()
 

@@ -9,7 +9,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from randlora.train import run
 from randlora.validate import validate_config
-from tests.helpers import compose_cfg, results, train_cli
+from tests.helpers import FAST, compose_cfg, results, train_cli
 
 BASE = ["model=tiny_vit", "adapter=randlora", "trainer=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.deterministic=true",
@@ -285,3 +285,20 @@ def test_deferred_guard_stops_before_any_checkpoint_of_bad_weights(tmp_path, wei
     saved = {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(tmp_path / "*.ckpt"))}
     assert saved and max(c["global_step"] for c in saved.values()) <= 3
     assert all(torch.isfinite(v).all() for c in saved.values() for v in c["state_dict"].values())
+
+
+def test_reporting_failure_after_training_keeps_the_job_completed(tmp_path, monkeypatch, capsys):
+    """A W&B summary or a printing problem after training is a warning: results.json stays
+    'completed' and run() returns the results."""
+    import randlora.train as train_mod
+
+    def boom(*_a, **_k):
+        raise RuntimeError("reporting broke")
+    monkeypatch.setattr(train_mod, "_print_summary", boom)
+    monkeypatch.setattr(train_mod, "_to_wandb", boom)
+    res = run(compose_cfg(["model=tiny_vit", "adapter=lora", *FAST], tmp_path))
+    assert res["status"] == "completed"
+    assert results(tmp_path)["status"] == "completed"
+    err = capsys.readouterr().err
+    assert "writing the W&B summary failed (RuntimeError: reporting broke)" in err
+    assert "writing the summary failed" in err
