@@ -15,38 +15,42 @@ targets), so its attention is torch's own: the attention cost without any adapte
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 
 from benchmarks.models import build_clip
-from benchmarks.run import Runner
+from benchmarks.run import Runner, _shared_copy
 from benchmarks.sysinfo import describe
 from randlora.adapters import compute_paths, format_paths, inject, match_budget
 from randlora.adapters.layers import AdaptedParameter
 
 
 def _configs(spec, lora_r: int):
+    """Adapted copies of ``spec.model`` sharing its frozen weights (already in the run's dtype); the
+    adapters keep their fp32 master weights, as in ``benchmarks.run``."""
     base = spec.model
-    lora_model = inject(copy.deepcopy(base), "lora", target_modules=spec.targets, r=lora_r)
+
+    def adapt(method, targets, **opts):
+        return inject(_shared_copy(base, None), method, target_modules=targets, **opts)
+
+    lora_model = adapt("lora", spec.targets, r=lora_r)
     budget = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     rand_r = match_budget(base, "randlora", budget, target_modules=spec.targets)["r"]
     methods = [("lora", dict(r=lora_r), lora_model),
-               ("randlora", dict(r=rand_r), None),
-               ("vera", dict(r=lora_r), None)]
+               ("randlora", dict(r=rand_r, seed=0), None),
+               ("vera", dict(r=lora_r, seed=0), None)]
     out = []
     for method, opts, model in methods:
         for variant in ("fast", "fallback"):
-            m = model if (model is not None and variant == "fast") else \
-                inject(copy.deepcopy(base), method, target_modules=spec.targets, **opts)
+            m = model if (model is not None and variant == "fast") else adapt(method, spec.targets, **opts)
             if variant == "fallback":
                 for layer in m.modules():
                     if isinstance(layer, AdaptedParameter):
                         layer._mha = False
             out.append({"name": f"{method} r={opts['r']} {variant}", "model": m})
-    frozen = inject(copy.deepcopy(base), "lora", target_modules=spec.peft_targets, r=lora_r)
+    frozen = adapt("lora", spec.peft_targets, r=lora_r)
     out.append({"name": f"lora r={lora_r} on c_fc/c_proj (frozen torch MHA)", "model": frozen})
     return out
 
@@ -76,10 +80,11 @@ def main(argv=None) -> str:
                f"--steps {steps} --warmup {warmup}" + (" --size tiny" if a.size == "tiny" else ""))
     machine = describe(device, command)  # with the load average before the run
     spec = build_clip(a.size, batch)
+    spec.model = runner.prepare(spec.model)  # frozen weights in the run's dtype, shared by every row
     cfgs = _configs(spec, a.lora_r or (4 if a.size == "tiny" else 32))
     batch_t = spec.make_batch(device, dtype)
     for c in cfgs:
-        c["model"] = runner.prepare(c["model"]).train()
+        c["model"].train()
         c["opt"] = runner.optimizer(c["model"])
         c["times"] = []
     for rnd in range(warmup + steps):
