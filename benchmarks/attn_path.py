@@ -49,9 +49,11 @@ def _configs(spec, lora_r: int):
                 for layer in m.modules():
                     if isinstance(layer, AdaptedParameter):
                         layer._mha = False
-            out.append({"name": f"{method} r={opts['r']} {variant}", "model": m})
+            out.append({"name": f"{method} r={opts['r']} {variant}", "method": method, "variant": variant,
+                        "model": m})
     frozen = adapt("lora", spec.peft_targets, r=lora_r)
-    out.append({"name": f"lora r={lora_r} on c_fc/c_proj (frozen torch MHA)", "model": frozen})
+    out.append({"name": f"lora r={lora_r} on c_fc/c_proj (frozen torch MHA)", "method": "lora",
+                "variant": "frozen attention", "model": frozen})
     return out
 
 
@@ -93,29 +95,25 @@ def main(argv=None) -> str:
             dt, _ = runner.step(spec, c["model"], c["opt"], batch_t)
             if rnd >= warmup:
                 c["times"].append(dt)
-            c["paths"] = format_paths(compute_paths(c["model"])) or "-"
         print(f"  round {rnd + 1}/{warmup + steps}: "
               + ", ".join(f"{c['name']} {c['times'][-1] * 1e3:.0f}ms" for c in order if c["times"]), flush=True)
 
-    med = {c["name"]: statistics.median(c["times"]) for c in cfgs}
+    for c in cfgs:
+        c["median"] = statistics.median(c["times"])
+    med = {(c["method"], c["variant"]): c["median"] for c in cfgs}
     lines = ["# CLIP attention in_proj: self-attention path vs materialised W0 + dW", "",
              *machine,
              f"- model: {spec.title}; {warmup} warm-up + {steps} timed interleaved rounds, AdamW", "",
              "| configuration | step ms (median) | min-max ms | fast / fallback | RandLoRA paths |",
              "|---|---|---|---|---|"]
     for c in cfgs:
-        name = c["name"]
-        pair = None
-        if name.endswith(" fast"):
-            pair = med[name] / med[name[: -len("fast")] + "fallback"]
-        lines.append(f"| {name} | {med[name] * 1e3:.0f} | {min(c['times']) * 1e3:.0f}-{max(c['times']) * 1e3:.0f} "
-                     f"| {'-' if pair is None else f'{pair:.2f}'} | {c['paths']} |")
-    lora_f, rand_f = (next(v for k, v in med.items() if k.startswith(m) and k.endswith(" fast"))
-                      for m in ("lora", "randlora"))
-    lora_b, rand_b = (next(v for k, v in med.items() if k.startswith(m) and k.endswith(" fallback"))
-                      for m in ("lora", "randlora"))
-    lines += ["", f"RandLoRA / LoRA step: {rand_f / lora_f:.2f} with the self-attention path, "
-              f"{rand_b / lora_b:.2f} with the fallback."]
+        pair = c["median"] / med[c["method"], "fallback"] if c["variant"] == "fast" else None
+        paths = format_paths(compute_paths(c["model"])) or "-"  # the paths of the last step
+        lines.append(f"| {c['name']} | {c['median'] * 1e3:.0f} | {min(c['times']) * 1e3:.0f}-"
+                     f"{max(c['times']) * 1e3:.0f} | {'-' if pair is None else f'{pair:.2f}'} | {paths} |")
+    ratio = {v: med["randlora", v] / med["lora", v] for v in ("fast", "fallback")}
+    lines += ["", f"RandLoRA / LoRA step: {ratio['fast']:.2f} with the self-attention path, "
+              f"{ratio['fallback']:.2f} with the fallback."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

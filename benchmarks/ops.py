@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import sysinfo
 from benchmarks.models import MODELS, build
-from benchmarks.run import PROFILES, Runner, instantiate, parse_choices, peft_available, plan, randlora_paths
+from benchmarks.run import PROFILES, Runner, instantiate, parse_choices, peft_available, plan
+from randlora.adapters import compute_paths, format_paths
 
 METHODS = ("full", "lora", "vera-same-r", "randlora", "randlora-merged", "randlora-factorised",
            "peft-lora", "peft-vera", "peft-randlora")
@@ -107,7 +108,7 @@ def run(models=MODELS, methods=METHODS, dtype: str = "bf16", log=print) -> dict:
             res = count_step(spec, model, opt, runner, batch)
             res.update(label=c.label, method=c.method, layers=adapted_layer_count(model) if c.kind != "full" else 0)
             if c.impl == "ours" and c.kind == "randlora":
-                res["paths"] = randlora_paths(model)
+                res["paths"] = format_paths(compute_paths(model))
             rows.append(res)
             log(f"  [{key}] {c.label}: {res['compute']} compute ops, {res['views']} views, "
                 f"{res['optimizer']} optimizer ops")

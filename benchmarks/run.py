@@ -42,6 +42,7 @@ from torch import nn
 
 from benchmarks import sysinfo
 from benchmarks.models import MODELS, ModelSpec, build
+from randlora.adapters import compute_paths, format_paths
 
 METHODS = ("full", "lora", "vera", "vera-same-r", "randlora", "randlora-factorised", "randlora-merged",
            "randlora-bf16-bases", "peft-lora", "peft-vera", "peft-randlora")
@@ -246,13 +247,6 @@ def _peft_wrap(model: nn.Module, cfg: Config, trainable) -> nn.Module:
         return get_peft_model(model, pc)
 
 
-def randlora_paths(model: nn.Module) -> str:
-    """'factorised x36' style summary of the compute path each of our RandLoRA layers last ran."""
-    from randlora.adapters import compute_paths, format_paths
-
-    return format_paths(compute_paths(model))
-
-
 # --------------------------------------------------------------------------------------------- steps
 class Runner:
     """Holds device / dtype / autocast and runs one timed training step of a configuration."""
@@ -308,7 +302,7 @@ def time_interleaved(spec: ModelSpec, cfgs: list[Config], runner: Runner, warmup
             if rnd >= warmup:
                 c.times.append(dt)
             if c.impl == "ours" and c.kind == "randlora" and not c.paths:
-                c.paths = randlora_paths(c.module)
+                c.paths = format_paths(compute_paths(c.module))
         live = [c for c in live if not c.error]
         tag = "warmup" if rnd < warmup else "timed"
         log(f"  [{spec.key}] round {rnd + 1}/{warmup + steps} ({tag}) {time.perf_counter() - t_round:.1f}s: "

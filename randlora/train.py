@@ -204,10 +204,12 @@ def run(cfg: DictConfig) -> dict:
     else:
         # reporting comes after the completed results.json: a W&B or printing problem here is
         # reported, and never turns a finished job into a failed one
-        for what, report in (("W&B summary", lambda: _to_wandb(loggers, results)),
-                             ("summary", lambda: rank0 and _print_summary(results, notes))):
+        reports = [("W&B summary", _to_wandb, (loggers, results))]
+        if rank0:
+            reports.append(("summary", _print_summary, (results, notes)))
+        for what, report, args in reports:
             try:
-                report()
+                report(*args)
             except Exception as e:  # noqa: BLE001 - the job itself has completed
                 print(f"[randlora] warning: writing the {what} failed ({type(e).__name__}: {e}); "
                       f"the job completed and {results_path} is written", file=sys.stderr, flush=True)

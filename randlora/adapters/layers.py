@@ -26,6 +26,12 @@ from torch import nn
 from torch.func import functional_call
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already that dtype (a no-op ``to`` still costs
+    ~1 us of host time, and a launch-bound GPU step waits on the host)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class Update(nn.Module):
     """A method's per-layer trainable update of an ``(out_features, in_features)`` weight.
 
@@ -147,6 +153,7 @@ class _PackedInProj:
 # nn.MultiheadAttention.forward's parameters, in order
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
              "average_attn_weights", "is_causal")
+_MHA_ARG_NAMES = frozenset(_MHA_ARGS)
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,7 +190,7 @@ class AdaptedParameter(_Wrapper):
             return self.base_layer(*args, **kwargs)
         if self._mha and len(args) <= len(_MHA_ARGS):
             call = dict(zip(_MHA_ARGS, args))
-            if not call.keys() & kwargs.keys() and kwargs.keys() <= set(_MHA_ARGS):
+            if not call.keys() & kwargs.keys() and kwargs.keys() <= _MHA_ARG_NAMES:
                 call.update(kwargs)
                 out = self._self_attention(**call)
                 if out is not None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import SharedBases, draw_basis
-from .layers import Update
+from .layers import Update, _as
 
 PATHS = ("auto", "factorised", "merged")
 # Time per FLOP of the factorised path relative to the merged one, by device type, for path="auto".
@@ -91,12 +91,6 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
     # drawn in float32 from the same generator whatever the storage: 16-bit bases are the float32
     # ones rounded once, so every run with this seed and dtype has the same bases
     return SharedBases({"A": a.to(BASES_DTYPES[dtype]), "B": b.to(BASES_DTYPES[dtype])}, spec)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call when it is already that dtype (a no-op ``to`` still costs
-    ~1 us of host time, and a launch-bound GPU step waits on the host)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

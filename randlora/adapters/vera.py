@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import SharedBases
-from .layers import Update
+from .layers import Update, _as
 
 
 def make_vera_bases(shapes: list[tuple[int, int]], r: int, seed: int) -> SharedBases:
@@ -60,11 +60,7 @@ class VeRAUpdate(Update):
         m = b * torch.outer(self.vera_b, self.vera_d)
         if self.scaling != 1.0:  # default alpha = r: s = 1
             m = m * self.scaling
-        if m.dtype != dt:
-            m = m.to(dt)
-        if x.dtype != dt:
-            x = x.to(dt)
-        return F.linear(F.linear(x, a), m)
+        return F.linear(F.linear(_as(x, dt), a), _as(m, dt))
 
     @staticmethod
     def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
