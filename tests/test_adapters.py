@@ -10,7 +10,7 @@ from torch import nn
 from randlora.adapters import (adapter_state_dict, count_trainable, format_parameter_table, inject,
                                load_adapter, load_adapter_state_dict, lora_equivalent_rank, match_budget,
                                merge, parameter_table, save_adapter, shared_bases, unmerge)
-from randlora.adapters.core import adapted_layers
+from randlora.adapters.core import adapted_layers, compute_paths
 from tests.conftest import TinyNet
 
 TARGETS = ["attn", "up", "down", "sq"]
@@ -314,6 +314,13 @@ def test_randlora_auto_path_picks_by_token_count():
     assert upd.last_path == "factorised"
     model(torch.randn(4096, 64))
     assert upd.last_path == "merged"
+    assert compute_paths(model) == {"merged": 1}
+    merge(model)  # the update folded into W0: the layer runs the base alone, whatever ran last
+    model(torch.randn(2, 64))
+    assert compute_paths(model) == {"weights merged": 1}
+    unmerge(model)
+    model(torch.randn(2, 64))
+    assert compute_paths(model) == {"factorised": 1}
 
 
 @pytest.mark.parametrize("dist,s,zero_frac", [("sparse", 6, 1 - 2 / 6), ("sparse", 20, 0.9),

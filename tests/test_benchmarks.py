@@ -178,3 +178,17 @@ def test_attention_path_benchmark_compares_both_paths(tmp_path):
         ratio = float(rows[f"{method} fast"].split(" | ")[3])
         assert math.isfinite(ratio) and ratio > 0
     assert "RandLoRA / LoRA step:" in text
+
+
+def test_ddp_benchmark_two_ranks_skip_the_bases(tmp_path):
+    """benchmarks.ddp runs two gloo ranks; plain DDP broadcasts RandLoRA's bases before every step,
+    the framework's setting broadcasts nothing (LoRA has no buffer to send)."""
+    from benchmarks import ddp
+
+    out = tmp_path / "ddp.md"
+    res = ddp.main(["--size", "tiny", "--models", "llama", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    rows = {r["name"].split(" (")[0]: r for r in res["llama"]["rows"]}
+    assert rows["randlora, DDP default"]["bytes"] > 0
+    assert rows["randlora, constants skipped"]["bytes"] == 0
+    assert all(len(r["times"]) == 1 and r["times"][0] > 0 for r in rows.values())
+    assert "no longer broadcast per step" in out.read_text()

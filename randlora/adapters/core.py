@@ -201,11 +201,12 @@ def adapted_layers(model: nn.Module):
 def compute_paths(model: nn.Module) -> dict[str, int]:
     """How many adapted layers ran each compute path on their last call, for methods that choose one
     per call (RandLoRA: ``factorised`` / ``merged``; ``materialised`` is a fused-parameter call that
-    built dW in full; ``not run`` a layer not called yet). Empty for other methods."""
+    built dW in full; ``not run`` a layer not called yet; ``weights merged`` a layer whose update is
+    merged into W0 now, so it runs the base layer alone). Empty for other methods."""
     counts: dict[str, int] = {}
     for _, layer in adapted_layers(model):
         if hasattr(layer.update, "last_path"):
-            p = layer.update.last_path or "not run"
+            p = "weights merged" if layer.merged else (layer.update.last_path or "not run")
             counts[p] = counts.get(p, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
 from ..adapters.core import adapter_meta, adapted_layers
+from ..distributed import check_static_buffers, static_buffer_names
 
 # keys of the adapter config that are not options of inject()
 _NOT_OPTIONS = {"method", "budget", "lr", "lr_by_task", "weight_decay", "target_modules", "trainable_modules", "name"}
@@ -153,16 +154,20 @@ class AdapterTask(L.LightningModule):
         if self.adapter_info.get("method") == "dora_dr":
             self._start_dynamic_rank()
         self.bases_checksum = bases_checksum(self.net)
-        if self.bases_checksum is not None and self.trainer.world_size > 1:
-            mine = torch.tensor([int(self.bases_checksum, 16)], dtype=torch.float64, device=self.device)
-            every = self.all_gather(mine).flatten()
-            if not torch.all(every == every[0]):
-                raise RuntimeError("random bases differ across DDP ranks; the adapter seed must be identical")
+        if self.trainer.world_size > 1:  # DDP leaves these buffers alone (see below): check them once
+            check_static_buffers(self, self.all_gather, self.device)
         ps = {f"params/{k}": float(v) for k, v in self.parameter_summary().items() if v is not None}
         if self.trainer.is_global_zero:
             for lg in self.loggers:
                 lg.log_metrics(ps, step=0)
                 lg.log_hyperparams({"adapter": self.adapter_info, **ps})
+
+    # -- DDP: the random bases and the other non-persistent buffers are constants built identically on
+    #    every rank (checked at fit start); DDP must not broadcast them from rank 0 before every forward
+    #    (235 MB per step for a LLaMA-width RandLoRA). Read by DistributedDataParallel when it wraps us.
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        return static_buffer_names(self)
 
     # -- optimisation (paper: AdamW, cosine from the peak LR down to 1 % of it, optional warmup)
     def configure_optimizers(self):
