@@ -26,6 +26,21 @@ OmegaConf.register_new_resolver("uniq", lambda: secrets.token_hex(3), use_cache=
 OmegaConf.register_new_resolver("project_root", lambda: PROJECT_ROOT, replace=True)
 
 
+def bases_dtype_for(precision) -> str:
+    """The storage of RandLoRA's random bases that matches ``trainer.precision``: the 16-bit type the
+    adapter GEMMs run in under bf16 / fp16 precision (the bases are rounded once, and no float32 master
+    sits next to the 16-bit copy those GEMMs would read), float32 otherwise."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return "bfloat16"
+    if p.startswith("16"):
+        return "float16"
+    return "float32"
+
+
+OmegaConf.register_new_resolver("bases_dtype_for", bases_dtype_for, replace=True)
+
+
 class UserError(Exception):
     """A problem with the request (config, weights, data): printed as one message, no traceback."""
 
@@ -143,6 +158,10 @@ def run(cfg: DictConfig) -> dict:
                "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group"), "params": {}, "metrics": {},
                "perf": {}, "run_dir": str(out), "overrides": overrides,
                "config": OmegaConf.to_container(cfg, resolve=False)}
+    # resume=<run dir> continues an earlier run in its own folder: until this attempt has passed its checks
+    # and starts, a failure must leave that run's results.json as it was
+    continuing = bool(cfg.get("resume")) and Path(cfg.resume).is_dir() and results_path.exists()
+    started = False
     try:
         validate_config(cfg)  # cheap checks first: nothing is built before they pass
         with open_dict(cfg):
@@ -153,9 +172,12 @@ def run(cfg: DictConfig) -> dict:
         dm.setup("fit")  # data errors (labels, shots) surface before the model is built
         bundle = build_model(cfg.model)
         task = build_task(cfg, bundle, dm)
+        if ckpt is not None:  # a checkpoint of another adapter is refused before anything is written
+            task.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True))
         results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
         results["params"] = task.parameter_summary()
+        started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(results_path, results)
@@ -195,7 +217,7 @@ def run(cfg: DictConfig) -> dict:
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if rank0:
+        if rank0 and (started or not continuing):
             try:
                 write_json_atomic(results_path, results)
             except OSError:

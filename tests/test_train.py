@@ -114,6 +114,45 @@ def test_run_writes_results_checkpoints_and_adapter(tmp_path):
                [k.removeprefix("net.") for k in ckpt["state_dict"]]), "frozen weights leaked into the checkpoint"
 
 
+def test_randlora_bases_storage_follows_training_precision(tmp_path):
+    dtype = lambda *o: compose_cfg(["adapter=randlora", *o]).adapter.bases_dtype
+    assert dtype() == "float32" and dtype("trainer=gpu") == "bfloat16"
+    assert dtype("trainer.precision=bf16-true") == "bfloat16" and dtype("trainer.precision=16-mixed") == "float16"
+    assert dtype("trainer=gpu", "adapter.bases_dtype=float32") == "float32"  # an explicit choice wins
+    assert compose_cfg(["adapter=randlora_sparse", "trainer=gpu"]).adapter.bases_dtype == "bfloat16"
+    assert compose_cfg(["adapter=paper/randlora10", "trainer=gpu"]).adapter.bases_dtype == "bfloat16"
+    # a bf16-mixed run (CPU autocast) stores the bases in bf16 and its adapter file rebuilds exactly those
+    cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "trainer.precision=bf16-mixed", *FAST], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed" and math.isfinite(res["metrics"]["test/loss"])
+    from randlora.adapters import load_adapter, shared_bases
+    from randlora.adapters.core import adapted_layers
+    from randlora.adapters.randlora import make_randlora_bases
+    from randlora.tasks.base import bases_checksum
+    from randlora.tasks.classification import Classifier
+    bundle = build_model(cfg.model)
+    net = load_adapter(Classifier(bundle.backbone, bundle.feature_dim, 10),
+                       tmp_path / "checkpoints" / "adapter.safetensors")
+    bases = shared_bases(net)
+    assert bases.storage_dtype == torch.bfloat16 and bases.B.dtype == torch.bfloat16
+    assert bases_checksum(net) == res["bases_checksum"]
+    shapes = [(layer.out_features, layer.in_features) for _, layer in adapted_layers(net)]
+    fp32 = make_randlora_bases(shapes, int(cfg.adapter.r), int(cfg.seed))  # the float32 draw, rounded once
+    for name in ("A", "B"):
+        assert torch.equal(getattr(bases, name), getattr(fp32, name).bfloat16())
+    # resuming it at another precision names the setting that changed the bases, before anything is
+    # written: the finished run's results.json stays as it was
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match="stored as bfloat16, this run stores them as float32 .* "
+                                         "adapter.bases_dtype=bfloat16"):
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
+                         f"resume={tmp_path}"], tmp_path / "again"))
+    assert (tmp_path / "results.json").read_text() == before
+    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
+                           "adapter.bases_dtype=bfloat16", f"resume={tmp_path}"], tmp_path / "again"))
+    assert res["status"] == "completed"
+
+
 def test_budget_picks_rank(tmp_path):
     cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "adapter.budget=20000", *FAST], tmp_path)
     res = run(cfg)
@@ -121,6 +160,22 @@ def test_budget_picks_rank(tmp_path):
     assert res["r"] == match_budget(build_model(cfg.model).backbone, "randlora", 20000,
                                     target_modules=list(cfg.model.targets))["r"]
     assert abs(res["params"]["adapter"] - 20000) / 20000 < 0.25
+
+
+@pytest.mark.parametrize("change,msg", [
+    (["adapter.r=3"], "another adapter: r: model has 3, file has 6"),
+    (["adapter=lora"], "another adapter: method: model has 'lora', file has 'randlora'"),
+    (["adapter.seed=5"], "other random bases"),
+])
+def test_resume_with_another_adapter_is_refused_and_keeps_the_run(change, msg, tmp_path):
+    run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST], tmp_path))
+    before = {p.name: p.read_bytes() for p in [tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt"]}
+    with pytest.raises(ValueError, match=msg):
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2", *change,
+                         f"resume={tmp_path}"], tmp_path / "other"))
+    assert {p.name: p.read_bytes() for p in [tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt"]} \
+        == before
+    assert results(tmp_path)["status"] == "completed"
 
 
 def test_resume_from_run_folder_continues(tmp_path):

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
-from ..adapters.core import adapter_meta, adapted_layers
+from ..adapters.core import _diff_meta, _jsonable, adapter_meta, adapted_layers
 from ..distributed import check_static_buffers, static_buffer_names
 
 # keys of the adapter config that are not options of inject()
@@ -204,9 +204,32 @@ class AdapterTask(L.LightningModule):
         checkpoint["adapter_meta"] = adapter_meta(self.net) if hasattr(self.net, "_adapter_meta") else None
         checkpoint["bases_checksum"] = bases_checksum(self.net)
 
-    def on_load_checkpoint(self, checkpoint):
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Raise a ValueError if ``checkpoint`` was not trained with this task's adapter: another method,
+        other targets or trainable modules (so other tensor shapes), or other random bases. Options that
+        do not change the tensors (compute path, dropout, ...) may differ."""
+        saved_meta = checkpoint.get("adapter_meta")
+        if saved_meta is not None and hasattr(self.net, "_adapter_meta"):
+            diffs = [d for d in _diff_meta(_jsonable(adapter_meta(self.net)), _jsonable(saved_meta))
+                     if not d.startswith("options.")]
+            ranks = (adapter_meta(self.net)["options"].get("r"), (saved_meta.get("options") or {}).get("r"))
+            if not diffs and ranks[0] != ranks[1]:
+                diffs.append(f"r: model has {ranks[0]!r}, file has {ranks[1]!r}")
+            if diffs:
+                raise ValueError("the checkpoint was trained with another adapter: " + "; ".join(diffs)
+                                 + "; resume with the checkpoint's adapter settings")
         saved = checkpoint.get("bases_checksum")
         mine = bases_checksum(self.net)
         if saved is not None and mine is not None and saved != mine:
-            raise ValueError(f"checkpoint was trained with other random bases (checksum {saved}, this run "
-                             f"{mine}); resume with the same adapter.seed and targets")
+            theirs = ((saved_meta or {}).get("options") or {}).get("bases_dtype", "float32")
+            ours = adapter_meta(self.net)["options"].get("bases_dtype", "float32")
+            if theirs != ours:
+                raise ValueError(
+                    f"the checkpoint was trained with random bases stored as {theirs}, this run stores them as "
+                    f"{ours} (adapter.bases_dtype follows trainer.precision unless set); resume with "
+                    f"adapter.bases_dtype={theirs}")
+            raise ValueError(f"the checkpoint was trained with other random bases (checksum {saved}, this run "
+                             f"{mine}); resume with the same adapter.seed, adapter.distribution and targets")
+
+    def on_load_checkpoint(self, checkpoint):
+        self.check_checkpoint(checkpoint)
