@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
     unknown = set(a.models.split(",")) - set(DEFAULT_BATCH)
     if unknown:
         raise SystemExit(f"unknown model(s) {sorted(unknown)}; choose from {sorted(DEFAULT_BATCH)}")
-    command = "python -m benchmarks.ddp " + " ".join(argv if argv is not None else [])
+    command = "python -m benchmarks.ddp " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = describe(torch.device(a.device), command.strip())
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")

@@ -48,7 +48,7 @@ def static_buffers_digest(module: nn.Module) -> tuple[int, int]:
             continue
         h = hashes[0 if isinstance(owner, SharedBases) else 1]
         h.update(f"{name}{tuple(buf.shape)}{buf.dtype}".encode())
-        h.update(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
     return tuple(int(h.hexdigest()[:12], 16) for h in hashes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,8 +16,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from randlora.adapters import inject, shared_bases
 from randlora.distributed import check_static_buffers, static_buffer_names, static_buffers_digest
 from randlora.models import build_model
+from randlora.tasks.classification import ClassificationTask
 from randlora.train import build_datamodule, build_task
-from tests.helpers import compose_cfg
+from tests.helpers import FAST, compose_cfg
 
 
 class _Net(nn.Module):
@@ -59,16 +61,21 @@ def test_task_tells_ddp_to_skip_the_bases(tmp_path):
     bases = {n for n, b in task.named_buffers() if any(b is t for t in shared_bases(task.net)._buffers.values())}
     assert bases and bases <= ignored
     # a real DDP wrapper (one gloo process) then has no buffer to broadcast before each forward
+    # names assigned the documented way (torch's _set_params_and_buffers_to_ignore_for_model) add to ours
+    DDP._set_params_and_buffers_to_ignore_for_model(task, ["net.head.weight"])
+    assert set(task._ddp_params_and_buffers_to_ignore) == ignored | {"net.head.weight"}
+    task._ddp_params_and_buffers_to_ignore = []
+    assert set(task._ddp_params_and_buffers_to_ignore) == ignored
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         ddp = DDP(task)
         assert ddp.modules_buffers == []
         assert not ddp.will_sync_module_buffers()
-        net = _Net()  # persistent state is still synchronised
-        ddp_bn = DDP(net)
-        synced = {id(b) for b in ddp_bn.modules_buffers}
-        assert id(net.bn.running_mean) in synced and id(net.table) in synced  # plain module: DDP's default
+        # persistent state (running statistics) of a task is still synchronised
+        task.register_buffer("running_stat", torch.zeros(3))
+        ddp = DDP(task)
+        assert [id(b) for b in ddp.modules_buffers] == [id(task.running_stat)] and ddp.will_sync_module_buffers()
     finally:
         dist.destroy_process_group()
 
@@ -132,3 +139,29 @@ def test_two_ranks_with_different_bases_are_caught_not_overwritten(tmp_path):
     # gradients were still all-reduced (averaged) across the two ranks
     for g0, g1 in zip(r0["grad"], r1["grad"]):
         torch.testing.assert_close(g0, g1)
+
+
+class _SkewedTask(ClassificationTask):
+    """A task whose rank 1 holds other bases, as a launch with another adapter seed on one rank would."""
+
+    def setup(self, stage):
+        if self.global_rank == 1:
+            with torch.no_grad():
+                shared_bases(self.net).B.add_(1.0)
+            shared_bases(self.net).invalidate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["fit", "test"])
+def test_framework_stops_when_ranks_hold_other_bases(entry, tmp_path):
+    """DDP no longer overwrites rank 1's bases with rank 0's, so the task checks them itself, in a
+    training run (fit start) and in an evaluation-only run (test start) alike."""
+    cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "optim.lr=1e-3", *FAST], tmp_path)
+    dm = build_datamodule(cfg)
+    task = build_task(cfg, build_model(cfg.model), dm)
+    task.__class__ = _SkewedTask
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=1,
+                        limit_test_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(Exception, match=r"the random bases differ across DDP ranks \(rank\(s\) \[1\]"):
+        getattr(trainer, entry)(task, datamodule=dm)

@@ -154,8 +154,7 @@ class AdapterTask(L.LightningModule):
         if self.adapter_info.get("method") == "dora_dr":
             self._start_dynamic_rank()
         self.bases_checksum = bases_checksum(self.net)
-        if self.trainer.world_size > 1:  # DDP leaves these buffers alone (see below): check them once
-            check_static_buffers(self, self.all_gather, self.device)
+        self._check_ranks()
         ps = {f"params/{k}": float(v) for k, v in self.parameter_summary().items() if v is not None}
         if self.trainer.is_global_zero:
             for lg in self.loggers:
@@ -163,11 +162,33 @@ class AdapterTask(L.LightningModule):
                 lg.log_hyperparams({"adapter": self.adapter_info, **ps})
 
     # -- DDP: the random bases and the other non-persistent buffers are constants built identically on
-    #    every rank (checked at fit start); DDP must not broadcast them from rank 0 before every forward
-    #    (235 MB per step for a LLaMA-width RandLoRA). Read by DistributedDataParallel when it wraps us.
+    #    every rank; DDP must not broadcast them from rank 0 before every forward (235 MB per step for a
+    #    LLaMA-width RandLoRA). Read by DistributedDataParallel when it wraps us, and by Lightning's
+    #    one-off sync of test / validate / predict runs. Names assigned to it (torch's documented way to
+    #    exclude more) are kept in addition.
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        return static_buffer_names(self)
+        return sorted(set(static_buffer_names(self)) | set(self.__dict__.get("_ddp_extra_ignore", ())))
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names) -> None:
+        self.__dict__["_ddp_extra_ignore"] = list(names)
+
+    def _check_ranks(self) -> None:
+        """Every rank must hold the same constant buffers, since DDP no longer overwrites them with rank
+        0's: checked once, at the start of whichever of fit / validate / test / predict comes first."""
+        if self.trainer.world_size > 1 and not self.__dict__.get("_ranks_checked", False):
+            check_static_buffers(self, self.all_gather, self.device)
+            self.__dict__["_ranks_checked"] = True
+
+    def on_validation_start(self):
+        self._check_ranks()
+
+    def on_test_start(self):
+        self._check_ranks()
+
+    def on_predict_start(self):
+        self._check_ranks()
 
     # -- optimisation (paper: AdamW, cosine from the peak LR down to 1 % of it, optional warmup)
     def configure_optimizers(self):

@@ -248,6 +248,7 @@ class CausalLMTask(AdapterTask):
 
     # -- optional: evaluate the test set on merged weights (as the paper's evaluation script)
     def on_test_start(self):
+        super().on_test_start()  # the cross-rank check of the constant buffers comes first
         if self.opts["merge_for_test"] and self.adapter_info.get("method") not in (None, "full"):
             merge(self.net)
             self._merged_for_test = True
