@@ -52,6 +52,15 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _config_record(cfg) -> dict:
+    """The config for results.json, resolved (the concrete seed, bases dtype, paths); as written where an
+    interpolation cannot be resolved (a Hydra runtime key outside a Hydra job)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - any resolver error: keep the unresolved form
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 def output_dir(cfg) -> Path:
     # DDP children re-run this script; they must write into the parent's folder
     if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RANDLORA_RUN_DIR"):
@@ -157,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
                "budget": cfg.adapter.get("budget"), "shots": cfg.data.get("shots"),
                "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group"), "params": {}, "metrics": {},
                "perf": {}, "run_dir": str(out), "overrides": overrides,
-               "config": OmegaConf.to_container(cfg, resolve=False)}
+               "config": _config_record(cfg)}
     # resume=<run dir> continues an earlier run in its own folder: until this attempt has passed its checks
     # and starts, a failure must leave that run's results.json as it was
     continuing = bool(cfg.get("resume")) and Path(cfg.resume).is_dir() and results_path.exists()

@@ -125,6 +125,8 @@ def test_randlora_bases_storage_follows_training_precision(tmp_path):
     cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "trainer.precision=bf16-mixed", *FAST], tmp_path)
     res = run(cfg)
     assert res["status"] == "completed" and math.isfinite(res["metrics"]["test/loss"])
+    assert results(tmp_path)["config"]["adapter"]["bases_dtype"] == "bfloat16"  # results.json: resolved config
+    assert results(tmp_path)["config"]["adapter"]["seed"] == cfg.seed
     from randlora.adapters import load_adapter, shared_bases
     from randlora.adapters.core import adapted_layers
     from randlora.adapters.randlora import make_randlora_bases

@@ -177,7 +177,8 @@ class AdapterTask(L.LightningModule):
     def _check_ranks(self) -> None:
         """Every rank must hold the same constant buffers, since DDP no longer overwrites them with rank
         0's: checked once, at the start of whichever of fit / validate / test / predict comes first."""
-        if self.trainer.world_size > 1 and not self.__dict__.get("_ranks_checked", False):
+        trainer = self._trainer  # None when a hook is called by hand, outside a Trainer
+        if trainer is not None and trainer.world_size > 1 and not self.__dict__.get("_ranks_checked", False):
             check_static_buffers(self, self.all_gather, self.device)
             self.__dict__["_ranks_checked"] = True
 
