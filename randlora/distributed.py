@@ -9,8 +9,9 @@ depth. Those bases, and the other non-persistent buffers of the supported models
 causal masks, tokenised prompts), are constants built from the config and the seed, identical on
 every rank by construction. ``static_buffer_names`` lists them; ``AdapterTask`` hands the list to DDP
 (its ``_ddp_params_and_buffers_to_ignore`` attribute), and ``check_static_buffers`` verifies once, at
-fit start, that every rank really holds the same values (DDP no longer overwrites them with rank 0's,
-so a mismatch, e.g. a different adapter seed on one rank, is reported instead of hidden).
+the start of fit / validate / test / predict, that every rank really holds the same values (DDP no
+longer overwrites them with rank 0's, so a mismatch, e.g. a different adapter seed on one rank, is
+reported instead of hidden).
 
 Persistent buffers (model state such as BatchNorm statistics) are still synchronised by DDP.
 """
