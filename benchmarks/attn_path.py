@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from benchmarks.models import build_clip
 from benchmarks.run import Runner, _shared_copy
-from benchmarks.sysinfo import describe
+from benchmarks.sysinfo import describe, write_report
 from randlora.adapters import compute_paths, format_paths, inject, match_budget
 from randlora.adapters.layers import AdaptedParameter
 
@@ -116,9 +115,7 @@ def main(argv=None) -> str:
               f"{ratio['fallback']:.2f} with the fallback."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_report(text, a.out)
     return text
 
 

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.models import build
 from benchmarks.run import Runner, _shared_copy
-from benchmarks.sysinfo import describe
+from benchmarks.sysinfo import describe, write_report
 
 DEFAULT_BATCH = {"vit": 1, "clip": 2, "llama": 1}
 
@@ -162,9 +162,7 @@ def main(argv=None) -> dict:
         results = torch.load(out)
     text = report(results, machine, a) + f"\nwall time {time.perf_counter() - t0:.0f} s\n"
     print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_report(text, a.out)
     return results
 
 

@@ -37,7 +37,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -268,10 +267,7 @@ def main(argv=None, log=print) -> dict:
         out_lines += summary_table(summaries)
         out_lines.append(f"\nload average at the end: {sysinfo.loadavg()}; wall time {time.perf_counter() - t0:.0f} s")
         md = "\n".join(out_lines) + "\n"
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(md)
-            log(f"wrote {args.out}")
+        sysinfo.write_report(md, args.out, log)
         return {"summaries": summaries, "markdown": md}
     finally:
         torch.set_num_threads(old_threads)

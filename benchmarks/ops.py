@@ -25,7 +25,6 @@ import argparse
 import sys
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -154,10 +153,7 @@ def main(argv=None, log=print) -> dict:
     results = run(models, methods, args.dtype, log)
     md = render(results, sysinfo.describe(torch.device("cpu"), command))
     log("\n" + md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(md)
-        log(f"wrote {args.out}")
+    sysinfo.write_report(md, args.out, log)
     return results
 
 

@@ -15,7 +15,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -87,9 +86,7 @@ def main(argv=None) -> list[dict]:
                      f"| {r['same']} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    sysinfo.write_report(text, args.out)
     return rows
 
 

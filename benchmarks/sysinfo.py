@@ -49,6 +49,17 @@ def describe(device: torch.device, command: str) -> list[str]:
     ]
 
 
+def write_report(text: str, out: str | None, log=None) -> None:
+    """Write a Markdown report to ``out`` (parents created; nothing when ``out`` is empty or None)."""
+    if not out:
+        return
+    from pathlib import Path
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    if log is not None:
+        log(f"wrote {out}")
+
+
 def loadavg() -> str:
     try:
         return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -61,14 +61,16 @@ def _config_record(cfg) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+def _resume_dir(cfg) -> Path | None:
+    """The earlier run's folder when ``resume=<run dir>`` (the run continues there), else None."""
+    return Path(cfg.resume).resolve() if cfg.get("resume") and Path(cfg.resume).is_dir() else None
+
+
 def output_dir(cfg) -> Path:
     # DDP children re-run this script; they must write into the parent's folder
     if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RANDLORA_RUN_DIR"):
         return Path(os.environ["RANDLORA_RUN_DIR"])
-    # resume=<run dir> continues the run in its own folder
-    if cfg.get("resume") and Path(cfg.resume).is_dir():
-        return Path(cfg.resume).resolve()
-    return Path(cfg.paths.output_dir).resolve()
+    return _resume_dir(cfg) or Path(cfg.paths.output_dir).resolve()
 
 
 def resolve_resume(cfg) -> str | None:
@@ -169,7 +171,7 @@ def run(cfg: DictConfig) -> dict:
                "config": _config_record(cfg)}
     # resume=<run dir> continues an earlier run in its own folder: until this attempt has passed its checks
     # and starts, a failure must leave that run's results.json as it was
-    continuing = bool(cfg.get("resume")) and Path(cfg.resume).is_dir() and results_path.exists()
+    continuing = _resume_dir(cfg) is not None and results_path.exists()
     started = False
     try:
         validate_config(cfg)  # cheap checks first: nothing is built before they pass

@@ -166,21 +166,24 @@ class AdapterTask(L.LightningModule):
     #    LLaMA-width RandLoRA). Read by DistributedDataParallel when it wraps us, and by Lightning's
     #    one-off sync of test / validate / predict runs. Names assigned to it (torch's documented way to
     #    exclude more) are kept in addition.
+    _ddp_extra_ignore: tuple = ()
+    _ranks_checked = False
+
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        return sorted(set(static_buffer_names(self)) | set(self.__dict__.get("_ddp_extra_ignore", ())))
+        return sorted(set(static_buffer_names(self)) | set(self._ddp_extra_ignore))
 
     @_ddp_params_and_buffers_to_ignore.setter
     def _ddp_params_and_buffers_to_ignore(self, names) -> None:
-        self.__dict__["_ddp_extra_ignore"] = list(names)
+        self._ddp_extra_ignore = tuple(names)
 
     def _check_ranks(self) -> None:
         """Every rank must hold the same constant buffers, since DDP no longer overwrites them with rank
         0's: checked once, at the start of whichever of fit / validate / test / predict comes first."""
         trainer = self._trainer  # None when a hook is called by hand, outside a Trainer
-        if trainer is not None and trainer.world_size > 1 and not self.__dict__.get("_ranks_checked", False):
+        if trainer is not None and trainer.world_size > 1 and not self._ranks_checked:
             check_static_buffers(self, self.all_gather, self.device)
-            self.__dict__["_ranks_checked"] = True
+            self._ranks_checked = True
 
     def on_validation_start(self):
         self._check_ranks()
