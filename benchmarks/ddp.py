@@ -11,12 +11,18 @@ and, in interleaved rounds inside the same processes, times a training step of:
 * ``randlora, DDP default``: RandLoRA at LoRA's budget, DDP as torch configures it;
 * ``randlora, constants skipped``: the same, with ``static_buffer_names`` handed to DDP (the framework).
 
+With ``--fsdp``, two more rows run randlora's FSDP plan (``randlora.distributed.fsdp_strategy``:
+frozen weights sharded per block, adapters replicated and averaged once per step), for LoRA and
+RandLoRA, and the table gives the parameter bytes each rank holds between steps.
+
     python -m benchmarks.ddp                             # CPU, 2 gloo ranks, ViT-B b1, CLIP b2, LLaMA 1 x 4096
+    python -m benchmarks.ddp --fsdp --models llama       # + FSDP rows
     python -m benchmarks.ddp --device cuda --models llama --llama-layers 2 --seq 512 --batch 4
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -41,7 +47,7 @@ def _broadcast_bytes(ddp) -> int:
     return sum(b.numel() * b.element_size() for b in ddp.modules_buffers)
 
 
-def _configs(spec, runner, lora_r):
+def _configs(spec, runner, lora_r, fsdp=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from randlora.adapters import inject, match_budget
@@ -67,8 +73,56 @@ def _configs(spec, runner, lora_r):
             model._ddp_params_and_buffers_to_ignore = static_buffer_names(model)
         ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         out.append({"method": method, "name": name, "ddp": ddp, "opt": runner.optimizer(model), "times": [],
-                    "bytes": _broadcast_bytes(ddp), "skip": skip})
+                    "bytes": _broadcast_bytes(ddp), "skip": skip, "fsdp": False, "held": _param_bytes(model)})
+    if fsdp:
+        for method, name, opts in (("lora", f"lora r={lora_r}, FSDP", {"r": lora_r}),
+                                   ("randlora", f"randlora, FSDP (r={rand_r})", {"r": rand_r, "seed": 0})):
+            # its own frozen weights: FSDP turns the parameters it wraps into views of its shards,
+            # which the other rows (sharing the base model's weights) must not see
+            model = inject(copy.deepcopy(base), method, target_modules=spec.targets, **extra, **opts).to(dev)
+            wrapped, replicated = _fsdp_wrap(model, dev)
+            out.append({"method": method, "name": name, "ddp": wrapped, "times": [], "bytes": 0, "skip": True,
+                        "fsdp": True, "held": _param_bytes(wrapped),
+                        "opt": _SyncThenStep(runner.optimizer(model), replicated)})
     return out
+
+
+def _param_bytes(model) -> int:
+    """Bytes of parameter storage this rank holds between steps (FSDP: its flat shards, plus the
+    replicated tensors)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(p.untyped_storage().data_ptr())
+        total += p.untyped_storage().nbytes()
+    return total
+
+
+def _fsdp_wrap(model, dev):
+    """``model`` wrapped as randlora's FSDP strategy wraps a task: per-block units, trained tensors
+    (and 0-d parameters) left out and replicated, nothing cast by FSDP."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from randlora.distributed import fsdp_strategy
+    plan = fsdp_strategy(model, dev.type)
+    kw = dict(plan.kwargs)
+    return FSDP(model, mixed_precision=plan.mixed_precision, device_id=dev, **kw), plan.replicated
+
+
+class _SyncThenStep:
+    """The optimizer of an FSDP row: average the replicated gradients, then step (as the strategy does)."""
+
+    def __init__(self, opt, replicated):
+        self.opt, self.replicated = opt, replicated
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        from randlora.distributed import all_reduce_mean_grads
+        all_reduce_mean_grads(self.replicated)
+        self.opt.step()
 
 
 def _rank(rank, a, init, out):
@@ -87,7 +141,7 @@ def _rank(rank, a, init, out):
             batch = a.batch or DEFAULT_BATCH[key]
             spec = build(key, a.size, batch, a.llama_layers, a.seq)
             spec.model = runner.prepare(spec.model)
-            cfgs = _configs(spec, runner, a.lora_r or (4 if a.size == "tiny" else 32))
+            cfgs = _configs(spec, runner, a.lora_r or (4 if a.size == "tiny" else 32), a.fsdp)
             data = spec.make_batch(device, dtype)
             for rnd in range(a.warmup + a.steps):
                 order = cfgs if rnd % 2 == 0 else cfgs[::-1]
@@ -100,7 +154,8 @@ def _rank(rank, a, init, out):
                     print(f"  [{key}] round {rnd + 1}/{a.warmup + a.steps}: " + ", ".join(
                         f"{c['name']} {c['times'][-1] * 1e3:.0f}ms" for c in order if c["times"]), flush=True)
             results[key] = {"title": spec.title,
-                            "rows": [{k: c[k] for k in ("method", "name", "times", "bytes", "skip")} for c in cfgs]}
+                            "rows": [{k: c[k] for k in ("method", "name", "times", "bytes", "skip", "fsdp", "held")}
+                                     for c in cfgs]}
             del cfgs, spec
         if rank == 0:
             torch.save(results, out)
@@ -109,7 +164,8 @@ def _rank(rank, a, init, out):
 
 
 def report(results: dict, machine: list[str], a) -> str:
-    lines = ["# Data-parallel RandLoRA: DDP's per-step buffer broadcast", "", *machine,
+    lines = ["# Data-parallel RandLoRA: DDP's per-step buffer broadcast"
+             + (", and randlora's FSDP plan" if a.fsdp else ""), "", *machine,
              f"- {a.world} ranks ({'NCCL' if a.device == 'cuda' else 'gloo, one process per core'}), "
              f"{a.dtype}, {a.warmup} warm-up + {a.steps} timed interleaved rounds, AdamW; times are rank 0's", ""]
     for key, res in results.items():
@@ -117,18 +173,25 @@ def report(results: dict, machine: list[str], a) -> str:
         med = {r["name"]: statistics.median(r["times"]) for r in rows}
         lora = next(med[r["name"]] for r in rows if r["method"] == "lora")
         lines += [f"## {key}: {res['title']}", "",
-                  "| configuration | broadcast per step MB | step ms (median) | min-max ms | vs LoRA |",
-                  "|---|---|---|---|---|"]
+                  "| configuration | broadcast per step MB | parameters held per rank MB | step ms (median) "
+                  "| min-max ms | vs LoRA |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
             t = r["times"]
-            lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.3f} | {med[r['name']] * 1e3:.0f} | "
-                         f"{min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} | {med[r['name']] / lora:.2f} |")
+            lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.3f} | {r.get('held', 0) / 1e6:.1f} | "
+                         f"{med[r['name']] * 1e3:.0f} | {min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} | "
+                         f"{med[r['name']] / lora:.2f} |")
         default = next(r for r in rows if r["method"] == "randlora" and not r["skip"])
-        skipped = next(r for r in rows if r["skip"])
+        skipped = next(r for r in rows if r["skip"] and not r.get("fsdp"))
         per_round = statistics.median(d / s for d, s in zip(default["times"], skipped["times"]))
         lines += ["", f"DDP default / constants skipped: {med[default['name']] / med[skipped['name']]:.3f} "
                       f"(median over rounds of the per-round ratio: {per_round:.3f}); "
                       f"{default['bytes'] / 1e6:.1f} MB no longer broadcast per step.", ""]
+        fs = {r["method"]: r for r in rows if r.get("fsdp")}
+        if fs:
+            lines += [f"FSDP RandLoRA / FSDP LoRA: {med[fs['randlora']['name']] / med[fs['lora']['name']]:.2f}; "
+                      f"FSDP / DDP (constants skipped), RandLoRA: "
+                      f"{med[fs['randlora']['name']] / med[skipped['name']]:.2f}.", ""]
     return "\n".join(lines)
 
 
@@ -145,6 +208,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--world", type=int, default=2, help="ranks (processes)")
+    p.add_argument("--fsdp", action="store_true", help="add LoRA and RandLoRA under randlora's FSDP plan")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     p.add_argument("--out", default="benchmarks/results/ddp.md", help="Markdown report ('' = none)")
     a = p.parse_args(argv)

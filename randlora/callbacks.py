@@ -140,9 +140,16 @@ class AdapterCheckpoint(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer, pl_module):
+        tensors = None
+        from lightning.pytorch.strategies import FSDPStrategy
+        if isinstance(trainer.strategy, FSDPStrategy) and pl_module.adapter_info.get("method") == "full":
+            # full fine-tuning under FSDP: every weight is sharded, so the ranks gather the full state
+            # dict together (on rank 0's CPU). Adapters are replicated by randlora's FSDP plan: whole.
+            full = trainer.strategy.lightning_module_state_dict()
+            tensors = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
         if trainer.is_global_zero:
             os.makedirs(self.dirpath, exist_ok=True)
-            save_adapter(pl_module.net, os.path.join(self.dirpath, "adapter.safetensors"))
+            save_adapter(pl_module.net, os.path.join(self.dirpath, "adapter.safetensors"), tensors)
 
 
 class NonFiniteGuard(L.Callback):

@@ -209,7 +209,13 @@ def run(cfg: DictConfig) -> dict:
             callbacks.append(KillAtStep(cfg.callbacks.kill_at_step))
         if cfg.callbacks.adapter_checkpoint:
             callbacks.append(AdapterCheckpoint(str(out / "checkpoints")))
-        trainer = L.Trainer(**trainer_kwargs(cfg, dm), logger=loggers, callbacks=callbacks,
+        tkw = trainer_kwargs(cfg, dm)
+        if tkw.get("strategy") == "fsdp":  # per-block units, replicated adapters (randlora/distributed.py)
+            from .distributed import fsdp_strategy
+            acc = tkw.get("accelerator", "auto")
+            on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+            tkw["strategy"] = fsdp_strategy(task, "cpu" if on_cpu else "gpu")
+        trainer = L.Trainer(**tkw, logger=loggers, callbacks=callbacks,
                             plugins=[AtomicCheckpointIO()], default_root_dir=str(out), enable_model_summary=False)
         t0 = time.time()
         if cfg.train:

@@ -102,8 +102,40 @@ def validate_config(cfg, deep: bool = True) -> None:
                              f"{bs * ndev}; choose a multiple (accumulation must be a whole number)")
     _check_hardware(cfg.trainer)
     _check_compile(cfg)
+    _check_fsdp(cfg)
     if deep:
         check_targets_on_meta(cfg, method, opts, a)
+        if cfg.trainer.get("strategy") == "fsdp":
+            check_fsdp_blocks(cfg)
+
+
+def _check_fsdp(cfg) -> None:
+    """What randlora's FSDP strategy (randlora.distributed.fsdp_strategy) does not support."""
+    if cfg.trainer.get("strategy") != "fsdp":
+        return
+    from .compile import normalise_options
+    if normalise_options(compile_options(cfg)) is not None:
+        raise ValueError("compile.enabled=true is not supported with trainer.strategy=fsdp (untested with the "
+                         "per-block FSDP units); use trainer.strategy=ddp to compile, or compile.enabled=false")
+    import torch
+    t = cfg.trainer
+    on_cpu = t.get("accelerator") == "cpu" or (t.get("accelerator") in ("auto", None) and not torch.cuda.is_available())
+    if on_cpu and "mixed" in str(t.get("precision")):
+        raise ValueError(f"trainer.precision={t.get('precision')} with trainer.strategy=fsdp on the CPU would run in "
+                         "float32 (Lightning's FSDP precision autocasts on CUDA only); use trainer.precision=32-true")
+    if cfg.task.get("merge_for_test"):
+        raise ValueError("task.merge_for_test=true folds the update into the base weights, which FSDP holds "
+                         "sharded; use task.merge_for_test=false (the same predictions) or trainer.strategy=ddp")
+
+
+def check_fsdp_blocks(cfg) -> None:
+    """FSDP shards block by block: the model must have repeated blocks (checked on the meta device)."""
+    from .compile import repeated_blocks
+    from .models import meta_backbone
+    model = meta_backbone(cfg.model)
+    if model is not None and not repeated_blocks(model):
+        raise ValueError(f"trainer.strategy=fsdp shards the model block by block, but {cfg.model.name!r} has no "
+                         "repeated blocks (a ModuleList / Sequential of blocks of one class); use trainer.strategy=ddp")
 
 
 def check_targets_on_meta(cfg, method, opts, a) -> None:

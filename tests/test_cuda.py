@@ -174,6 +174,16 @@ def test_train_py_on_gpu_bf16(tmp_path):
     assert res["perf"]["peak_memory_mb"] > 0 and res["perf"]["samples_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_train_py_fsdp_on_one_gpu(tmp_path):
+    """randlora's FSDP plan on a GPU: replicated adapters on the device, sharded blocks, bf16-mixed."""
+    out = tmp_path / "run"
+    p = train_cli(["trainer=fsdp", "trainer.devices=1", f"paths.output_dir={out}", "data.epochs=3"], timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["metrics"]["test/acc"] > 0.8, res["metrics"]
+
+
 def test_non_finite_guard_defers_on_cuda(tmp_path):
     from types import SimpleNamespace
 

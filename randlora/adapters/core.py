@@ -193,9 +193,24 @@ def is_adapted(model: nn.Module) -> bool:
     return hasattr(model, META_ATTR)
 
 
+# Modules that distributed wrappers insert between a module and its children (FSDP's units,
+# activation checkpointing). They forward attribute lookups to the wrapped module, so
+# ``get_submodule`` of a clean name still works on a wrapped model; only the names they add to
+# ``named_modules`` must be dropped, so that adapter files and checkpoints written from a sharded
+# model carry the same keys as those written from a plain one.
+WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the path components that FSDP / activation-checkpoint wrappers insert."""
+    if "_wrapped_module" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_NAMES)
+
+
 def adapted_layers(model: nn.Module):
-    """(name, wrapper) for every adapted layer, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTED_TYPES)]
+    """(name, wrapper) for every adapted layer, in module order; names as in the unwrapped model."""
+    return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, ADAPTED_TYPES)]
 
 
 def compute_paths(model: nn.Module) -> dict[str, int]:
@@ -548,17 +563,22 @@ def _expected_shapes(model: nn.Module, meta: dict) -> dict:
     return out
 
 
-def save_adapter(model: nn.Module, path) -> None:
+def save_adapter(model: nn.Module, path, tensors: dict | None = None) -> None:
     """Write ``adapter_state_dict`` to a safetensors file (metadata as JSON in the header).
 
-    Written to a temporary file and renamed, so an interrupted save never leaves a corrupt file.
+    ``tensors`` replaces the model's tensors where they were gathered elsewhere (full fine-tuning
+    under FSDP: the full state dict, which every rank must help build). Written to a temporary
+    file and renamed, so an interrupted save never leaves a corrupt file.
     """
     import json
     import os
     from safetensors.torch import save_file
 
-    state = adapter_state_dict(model)
-    meta = state.pop(META_KEY)
+    if tensors is None:
+        state = adapter_state_dict(model)
+        meta = state.pop(META_KEY)
+    else:
+        state, meta = dict(tensors), _jsonable(adapter_meta(model))
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"adapter": json.dumps(meta)})
     os.replace(tmp, path)

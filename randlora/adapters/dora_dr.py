@@ -84,7 +84,8 @@ class DynamicRankScheduler:
         if total_steps is None or not math.isfinite(float(total_steps)) or int(total_steps) <= 0:
             raise ValueError(f"DoRA-DR needs the total number of optimizer steps to place its pruning schedule, "
                              f"got {total_steps!r}; set trainer.max_epochs or trainer.max_steps")
-        self.layers = [(n, m.update) for n, m in model.named_modules()
+        from .core import clean_name  # (core imports this module through the registry)
+        self.layers = [(clean_name(n), m.update) for n, m in model.named_modules()
                        if isinstance(getattr(m, "update", None), DoRADRUpdate)]
         if not self.layers:
             raise ValueError("no DoRA-DR layers in this model")

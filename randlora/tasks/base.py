@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
-from ..adapters.core import _diff_meta, _jsonable, adapter_meta, adapted_layers
+from ..adapters.core import _diff_meta, _jsonable, adapter_meta, adapted_layers, clean_name
 from ..distributed import check_static_buffers, static_buffer_names
 
 # keys of the adapter config that are not options of inject()
@@ -63,11 +63,19 @@ class AdapterTask(L.LightningModule):
         self.adapter_info = adapter_info or {}
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.bases_checksum = None
+        self._param_counts = None
 
     # -- accounting
     def parameter_summary(self) -> dict:
         net = self.net
-        trainable, total = count_trainable(net), count_total(net)
+        # Counted once, on the whole model: under FSDP each rank later holds only shards of the sharded
+        # parameters (the frozen weights; every weight in full fine-tuning). Counts never change after
+        # injection (DoRA-DR prunes with masks); replicated (trained) parameters are always whole.
+        if self._param_counts is None:
+            self._param_counts = (count_trainable(net), count_total(net))
+        trainable, total = self._param_counts
+        if self.adapter_info.get("method") not in (None, "full"):
+            trainable = count_trainable(net)
         out = {"trainable": trainable, "total": total, "ratio": trainable / total if total else float("nan")}
         if self.adapter_info.get("method") not in (None, "full"):
             adapter = sum(p.numel() for _, layer in adapted_layers(net) for p in layer.update.parameters())
@@ -217,9 +225,16 @@ class AdapterTask(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = getattr(self.trainer.strategy, "clip_trained_gradients", None)  # randlora's FSDP strategy
+        if clip is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            clip(optimizer, float(gradient_clip_val), gradient_clip_algorithm)
+
     # -- checkpoints: keep trained tensors only (frozen weights come from the model source)
     def on_save_checkpoint(self, checkpoint):
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        trained = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}  # FSDP-wrapped too
         sd = checkpoint["state_dict"]
         # trained parameters plus the adapters' own buffers (DoRA-DR's EMA scores and final masks)
         keep = {k: v for k, v in sd.items() if k in trained or ".update." in k}
