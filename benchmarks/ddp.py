@@ -106,8 +106,7 @@ def _fsdp_wrap(model, dev):
 
     from randlora.distributed import fsdp_strategy
     plan = fsdp_strategy(model, dev.type)
-    kw = dict(plan.kwargs)
-    return FSDP(model, mixed_precision=plan.mixed_precision, device_id=dev, **kw), plan.replicated
+    return FSDP(model, mixed_precision=plan.mixed_precision, device_id=dev, **plan.kwargs), plan.replicated
 
 
 class _SyncThenStep:

@@ -141,8 +141,7 @@ class AdapterCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         tensors = None
-        from lightning.pytorch.strategies import FSDPStrategy
-        if isinstance(trainer.strategy, FSDPStrategy) and pl_module.adapter_info.get("method") == "full":
+        if isinstance(trainer.strategy, L.pytorch.strategies.FSDPStrategy) and pl_module.adapter_info.get("method") == "full":
             # full fine-tuning under FSDP: every weight is sharded, so the ranks gather the full state
             # dict together (on rank 0's CPU). Adapters are replicated by randlora's FSDP plan: whole.
             full = trainer.strategy.lightning_module_state_dict()

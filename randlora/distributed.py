@@ -21,6 +21,7 @@ import hashlib
 from typing import Callable
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 
@@ -155,70 +156,65 @@ def fsdp_strategy(task: nn.Module, accelerator: str = "gpu", **kwargs):
             "use_orig_params": True, **kwargs}
     if trained or frozen:
         opts["ignored_states"] = trained + frozen
-    return _strategy_class()(on_cpu=accelerator == "cpu", replicated=trained, shards_trained=shards_trained(task),
-                             **opts)
+    return AdapterFSDPStrategy(on_cpu=accelerator == "cpu", replicated=trained, shards_trained=shards_trained(task),
+                               **opts)
 
 
-def _strategy_class():
-    from lightning.pytorch.strategies import FSDPStrategy
+class AdapterFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy plus: replicated trained parameters whose gradients are averaged
+    before clipping and the optimizer step, sharded-aware gradient clipping, and CPU units."""
 
-    class AdapterFSDPStrategy(FSDPStrategy):
-        """Lightning's FSDPStrategy plus: replicated trained parameters whose gradients are averaged
-        before clipping and the optimizer step, sharded-aware gradient clipping, and CPU units."""
+    def __init__(self, *, on_cpu: bool = False, replicated=(), shards_trained: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.on_cpu = on_cpu
+        self.replicated = list(replicated)  # trained parameters outside FSDP: gradients averaged here
+        self.shards_trained = shards_trained
 
-        def __init__(self, *, on_cpu: bool = False, replicated=(), shards_trained: bool = False, **kwargs):
-            super().__init__(**kwargs)
-            self.on_cpu = on_cpu
-            self.replicated = list(replicated)  # trained parameters outside FSDP: gradients averaged here
-            self.shards_trained = shards_trained
+    _root = None  # the FSDP root this strategy built
 
-        _root = None  # the FSDP root this strategy built
-
-        def _setup_model(self, model):
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            if self._root is not None and self._root.module is model:
-                # trainer.test / validate after fit: the model's parameters outside the blocks live in
-                # the root unit's flat shard; without the root they would be seen as 1-D shards
-                return self._root
-            # FSDP moves what it manages to its device and leaves ignored (replicated) parameters where
-            # they are, and Lightning does not move a model it hands to FSDP: move those ourselves
-            self.place_replicated(self.root_device)
-            if not self.on_cpu:
-                self._root = super()._setup_model(model)
-            else:
-                from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
-                self._root = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                                      mixed_precision=self.mixed_precision_config,
-                                                      sharding_strategy=self.sharding_strategy,
-                                                      device_id=torch.device("cpu"), **self.kwargs)
-                _setup_activation_checkpointing(self._root, self._activation_checkpointing_kwargs)
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        if self._root is not None and self._root.module is model:
+            # trainer.test / validate after fit: the model's parameters outside the blocks live in
+            # the root unit's flat shard; without the root they would be seen as 1-D shards
             return self._root
+        # FSDP moves what it manages to its device and leaves ignored (replicated) parameters where
+        # they are, and Lightning does not move a model it hands to FSDP: move those ourselves
+        self.place_replicated(self.root_device)
+        if not self.on_cpu:
+            self._root = super()._setup_model(model)
+        else:
+            from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
+            self._root = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                                  mixed_precision=self.mixed_precision_config,
+                                                  sharding_strategy=self.sharding_strategy,
+                                                  device_id=torch.device("cpu"), **self.kwargs)
+            _setup_activation_checkpointing(self._root, self._activation_checkpointing_kwargs)
+        return self._root
 
-        def place_replicated(self, device) -> None:
-            """Move the parameters FSDP leaves out (``ignored_states``) to ``device``, in place."""
-            for p in self.kwargs.get("ignored_states", ()):
-                if p.device != torch.device(device):
-                    p.data = p.data.to(device)
+    def place_replicated(self, device) -> None:
+        """Move the parameters FSDP leaves out (``ignored_states``) to ``device``, in place."""
+        for p in self.kwargs.get("ignored_states", ()):
+            if p.device != torch.device(device):
+                p.data = p.data.to(device)
 
-        def optimizer_step(self, optimizer, closure, model=None, **kwargs):
-            # Lightning clips inside the optimizer's closure, right after it returns: average the
-            # replicated gradients at the end of the closure, so clipping sees the averaged ones
-            def closure_then_sync():
-                out = closure()
-                if self.replicated:
-                    all_reduce_mean_grads(self.replicated)
-                return out
-            return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        # Lightning clips inside the optimizer's closure, right after it returns: average the
+        # replicated gradients at the end of the closure, so clipping sees the averaged ones
+        def closure_then_sync():
+            out = closure()
+            if self.replicated:
+                all_reduce_mean_grads(self.replicated)
+            return out
+        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
 
-        def clip_trained_gradients(self, optimizer, value: float, algorithm: str | None) -> None:
-            """Clip as under DDP, by the global norm of every trained parameter (Lightning's FSDP
-            precision refuses norm clipping). Called by ``AdapterTask.configure_gradient_clipping``."""
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if (algorithm or "norm") == "value":
-                torch.nn.utils.clip_grad_value_(params, value)
-            elif not self.shards_trained:  # every trained tensor is whole on every rank
-                torch.nn.utils.clip_grad_norm_(params, value)
-            else:  # full fine-tuning: the norm over every rank's shards (and the replicated scalars once)
-                self.model.clip_grad_norm_(value)
-
-    return AdapterFSDPStrategy
+    def clip_trained_gradients(self, optimizer, value: float, algorithm: str | None) -> None:
+        """Clip as under DDP, by the global norm of every trained parameter (Lightning's FSDP
+        precision refuses norm clipping). Called by ``AdapterTask.configure_gradient_clipping``."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if (algorithm or "norm") == "value":
+            torch.nn.utils.clip_grad_value_(params, value)
+        elif not self.shards_trained:  # every trained tensor is whole on every rank
+            torch.nn.utils.clip_grad_norm_(params, value)
+        else:  # full fine-tuning: the norm over every rank's shards (and the replicated scalars once)
+            self.model.clip_grad_norm_(value)
