@@ -405,7 +405,7 @@ def numerical_rank(dW, rtol: float | None = None) -> int:
 
 
 def layer_spectra(model_or_deltas, rtol: float | None = None) -> dict[str, dict]:
-    """Spectrum statistics of each update: an adapted model's ``layer.update.delta_weight()``, or a
+    """Spectrum statistics of each update: an adapted model's ``layer.delta_weight()``, or a
     dict ``{name: dW}`` of 2-D deltas (other entries are skipped).
 
     Returns {name: {"singular_values", "effective_rank", "rank", "fro_norm", "shape"}}.
@@ -417,7 +417,7 @@ def layer_spectra(model_or_deltas, rtol: float | None = None) -> dict[str, dict]
         if not layers:
             raise ValueError("the model has no adapted layers; pass a dict {name: dW} for full fine-tuning")
         with torch.no_grad():
-            mats = {n: layer.update.delta_weight() for n, layer in layers}
+            mats = {n: layer.delta_weight() for n, layer in layers}
     else:
         mats = {k: v for k, v in model_or_deltas.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
     out = {}

@@ -447,6 +447,34 @@ def test_self_attention_path_matches_torch_mha_float64(case, mask, batch_first):
         torch.testing.assert_close(model(x, **kw), _materialised_reference(model, x, **kw), rtol=1e-10, atol=1e-10)
 
 
+def test_dora_uses_the_weight_the_model_holds_now():
+    """DoRA's dW is a function of W0. When the model's weight tensor is replaced after injection
+    (``load_state_dict(assign=True)``; FSDP swaps views of its flat parameter in and out), dW, the
+    materialised fallback, merging and the spectra use the weight the model holds now, not the
+    tensor that was there at injection."""
+    from randlora.analysis import layer_spectra
+    model = _nonzero_mha_adapter("dora")
+    layer, u = model.attn, model.attn.update
+    old = layer.base_layer.in_proj_weight
+    new_w = torch.randn(old.shape, dtype=old.dtype, generator=torch.Generator().manual_seed(9))
+    model.load_state_dict({**model.state_dict(), "attn.base_layer.in_proj_weight": new_w}, assign=True)
+    assert layer.base_layer.in_proj_weight is not old
+    with torch.no_grad():
+        combined = new_w + u.lora_B @ u.lora_A * u.scaling
+        expected = u.magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True) - new_w
+        torch.testing.assert_close(layer.delta_weight(), expected, rtol=1e-12, atol=1e-12)
+        assert layer_spectra(model)["attn"]["fro_norm"] == pytest.approx(float(expected.norm()), rel=1e-9)
+        x = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        fast = layer(x, x, x, need_weights=False)[0]  # the self-attention path: base.weight read live
+        fallback = layer(x, x, x)[0]  # need_weights=True: torch's MHA on W0 + dW (materialised)
+        torch.testing.assert_close(fallback, fast, rtol=1e-10, atol=1e-10)
+        merge(model)
+        torch.testing.assert_close(layer.delta_weight(), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer(x, x, x, need_weights=False)[0], fast, rtol=1e-10, atol=1e-10)
+        unmerge(model)
+        torch.testing.assert_close(layer.base_layer.in_proj_weight, new_w, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("case", ["lora", "randlora_factorised", "randlora_merged", "dora"])
 def test_self_attention_path_under_cpu_autocast(case):
     """bf16 autocast on a float32 model: the path is as close to the float64 result as torch's MHA on

@@ -110,6 +110,65 @@ def test_files_from_a_wrapped_model_carry_plain_names(tmp_path):
             assert torch.equal(v, saved[k]), k
 
 
+class _AttnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):  # need_weights=True: the wrapper's materialised fallback, not its SDPA path
+        return self.attn(x, x, x)[0]
+
+
+class _AttnStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_AttnBlock(), _AttnBlock()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("method, opts", [("lora", dict(r=2)), ("dora", dict(r=2)), ("randlora", dict(r=2))])
+def test_materialised_fallback_keeps_the_update_inside_an_fsdp_unit(tmp_path, method, opts):
+    """During an FSDP unit's forward (use_orig_params) a plain attribute holding the gathered weight
+    shadows the registered Parameter. The fallback once swapped only the Parameter, so the module
+    read W0 and the update vanished (no gradient, LoRA's output = the base's); DoRA's dW was also
+    taken against the shard. Outputs and gradients must be the plain model's."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    def build():
+        torch.manual_seed(0)
+        net = inject(_AttnStack().double(), method, target_modules=["attn"], **opts)
+        with torch.no_grad():  # a non-zero update
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        return net
+
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = build()
+    ref(x).square().sum().backward()
+    net = build()
+    trained = [p for p in net.parameters() if p.requires_grad]
+    _one_rank_group(tmp_path)
+    try:
+        wrapped = FSDP(net, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({_AttnBlock}),
+                       ignored_states=trained, use_orig_params=True)
+        y = wrapped(x)
+        y.square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
+    got = {clean_name(n): p.grad for n, p in net.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(g is not None for g in got.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
 # ------------------------------------------------------------------ end to end: 2 gloo ranks, CPU
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
          "trainer.limit_test_batches=2", "data.batch_size=16", "seed=3"]

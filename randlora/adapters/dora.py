@@ -39,8 +39,10 @@ class DoRAUpdate(Update):
             norm = norm.detach()
         return self.magnitude / norm, combined
 
-    def delta_weight(self) -> torch.Tensor:
-        w0 = self.base_weight
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """dW against ``base_weight`` (the wrapper passes the live W0); without it, the W0 given at
+        injection, which is only right while the model's weight is still that tensor."""
+        w0 = self.base_weight if base_weight is None else base_weight
         factor, combined = self._factor(w0)
         return factor[:, None] * combined - w0.to(combined.dtype)
 

@@ -12,7 +12,8 @@ Two kinds of target exist:
     picks its factorised or merged path there too, then SDPA and the output projection,
     with ``nn.MultiheadAttention``'s mask semantics.
   - Any other call is made through ``torch.func.functional_call`` with ``W0 + dW`` in place of
-    ``W0``, so the update stays in the autograd graph (it materialises dW every call).
+    ``W0``, so the update stays in the autograd graph (it materialises dW every call). Under FSDP,
+    where a plain attribute shadows the weight during forward, that attribute is swapped instead.
   (The official RandLoRA code wrote ``W0 + dW`` into ``.data`` here, which silently cut the
   attention adapters out of training.)
 
@@ -99,12 +100,23 @@ class _Wrapper(nn.Module):
     def _base_weight(self) -> nn.Parameter:
         raise NotImplementedError
 
+    def delta_weight(self) -> torch.Tensor:
+        """This layer's dW. An update whose dW depends on W0 (DoRA) gets the base weight as the
+        module holds it now, not a reference kept at injection: under FSDP the original Parameter
+        is a shard view, and ``load_state_dict(assign=True)`` replaces it. A merged layer's W
+        already holds W0 + dW, so the dW folded in at merge time is returned."""
+        if not getattr(self.update, "delta_depends_on_base", False):
+            return self.update.delta_weight()
+        if self.merged:
+            return self.__dict__["_merged_delta"]
+        return self.update.delta_weight(self._base_weight())
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
         w = self._base_weight()
-        delta = self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype)
+        delta = self.delta_weight().to(device=w.device, dtype=w.dtype)
         if getattr(self.update, "delta_depends_on_base", False):
             self._merged_delta = delta  # DoRA's dW is a function of W0: keep it to undo exactly
         w.add_(delta)
@@ -117,7 +129,7 @@ class _Wrapper(nn.Module):
         w = self._base_weight()
         delta = self.__dict__.pop("_merged_delta", None)
         if delta is None:
-            delta = self.update.delta_weight().to(device=w.device, dtype=torch.float32).to(w.dtype)
+            delta = self.delta_weight().to(device=w.device, dtype=w.dtype)
         w.sub_(delta)
         self.merged = False
 
@@ -198,8 +210,19 @@ class AdaptedParameter(_Wrapper):
         if hasattr(self.update, "last_path"):
             self.update.last_path = "materialised"  # dW built in full for this call
         w = self._base_weight()
-        w_eff = w + self.update.delta_weight().to(w.dtype)
-        return functional_call(self.base_layer, {self.param_name: w_eff}, args, kwargs)
+        w_eff = w + self.delta_weight().to(w.dtype)
+        base, name = self.base_layer, self.param_name
+        shadow = base.__dict__.get(name)
+        if shadow is None:
+            return functional_call(base, {name: w_eff}, args, kwargs)
+        # FSDP (use_orig_params) shadows the registered Parameter, a shard, with a plain attribute
+        # holding the gathered weight during forward. functional_call swaps only the registered
+        # entry, so the module would read the shadow, W0, and drop the update without a word.
+        base.__dict__[name] = w_eff
+        try:
+            return base(*args, **kwargs)
+        finally:
+            base.__dict__[name] = shadow
 
     def _self_attention(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
                         attn_mask=None, average_attn_weights=True, is_causal=False):
