@@ -10,7 +10,7 @@ from torch import nn
 from randlora.adapters import (adapter_state_dict, count_trainable, format_parameter_table, inject,
                                load_adapter, load_adapter_state_dict, lora_equivalent_rank, match_budget,
                                merge, parameter_table, save_adapter, shared_bases, unmerge)
-from randlora.adapters.core import adapted_layers, compute_paths
+from randlora.adapters.core import adapted_layers, compute_paths, is_adapted
 from tests.conftest import TinyNet
 
 TARGETS = ["attn", "up", "down", "sq"]
@@ -669,6 +669,129 @@ def test_truncated_adapter_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot read adapter file"):
         load_adapter(fresh, path)
     assert not hasattr(fresh, "_adapter_meta")
+
+
+def _nonzero(model):
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            for p in layer.update.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("targets", [["self_attn"], ["linear1", "linear2"]])
+@pytest.mark.parametrize("method", ["lora", "randlora"])
+def test_transformer_encoder_eval_runs_the_update(method, targets):
+    """nn.TransformerEncoderLayer's inference fast path reads the submodules' weights as attributes and
+    runs one fused kernel: through a wrapper it read W0, and every eval output was the base model's.
+    Eval (also through nn.TransformerEncoder's nested-tensor path, with a padding mask) must equal
+    train mode without dropout, and the merged model."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    base = copy.deepcopy(enc).eval()
+    _nonzero(inject(enc, method, target_modules=targets, r=4))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    with torch.no_grad():
+        for kw in ({}, {"src_key_padding_mask": pad}):
+            enc.train()
+            y_train = enc(x, **kw)
+            enc.eval()
+            y_eval = enc(x, **kw)
+            if y_eval.is_nested:
+                y_eval = y_eval.to_padded_tensor(0.0)
+            keep = ~pad[..., None] if kw else torch.ones(1, dtype=torch.bool)
+            torch.testing.assert_close(y_eval * keep, y_train * keep, rtol=1e-5, atol=1e-5)
+            assert (y_train - base(x, **kw)).abs().max() > 1e-2  # the update is not a no-op
+            merge(enc)
+            torch.testing.assert_close(enc(x, **kw) * keep, y_train * keep, rtol=1e-5, atol=1e-5)
+            unmerge(enc)
+
+
+def test_loading_into_a_merged_model_is_refused():
+    src = _nonzero(build("lora"))
+    state = adapter_state_dict(src)
+    dst = build("lora")
+    merge(dst)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"merged into its weights .* unmerge\(model\) first"):
+        load_adapter_state_dict(dst, state)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_merging_a_tied_weight_is_refused():
+    """An adapted output head tied to the embedding: merging in place would change the embedding too."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.lm_head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.lm_head(torch.tanh(self.fc(self.emb(t))))
+
+    torch.manual_seed(0)
+    model = _nonzero(inject(LM(), "lora", target_modules=["lm_head", "fc"], r=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge: .*lm_head \(also \['emb.weight'\]\)"):
+        merge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # fc not merged either
+    assert not any(layer.merged for _, layer in adapted_layers(model))
+
+
+def test_a_module_at_two_places_is_refused_as_a_target():
+    shared = nn.Linear(6, 6)
+    model = nn.ModuleDict({"enc": nn.Sequential(shared), "dec": nn.Sequential(shared)})
+    with pytest.raises(ValueError, match=r"more than one place in the model: \[\"enc.0 \(also at \['dec.0'\]\)\"\]"):
+        inject(model, "lora", target_modules=["0"], r=2)
+    assert not is_adapted(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_failed_injection_leaves_the_model_untouched():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.attn = nn.Linear(8, 8), nn.MultiheadAttention(8, 2)
+    model = M()
+    with pytest.raises(ValueError, match=r"dropout=0.1 is not supported on fused-parameter targets \['attn'\]"):
+        inject(model, "lora", target_modules=["fc", "attn"], r=2, dropout=0.1)
+    assert isinstance(model.fc, nn.Linear) and not is_adapted(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_loading_into_a_fresh_model_matches_stored_names_exactly():
+    """A fresh model is injected from the file's full names; as suffixes, ``fc`` and ``head`` would also
+    have picked up ``sub.fc`` and ``sub.head``."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+            self.sub = nn.ModuleDict({"fc": nn.Linear(6, 6), "head": nn.Linear(6, 6)})
+
+        def forward(self, x):
+            return self.head(self.sub["head"](self.sub["fc"](self.fc(x))))
+
+    torch.manual_seed(0)
+    src = _nonzero(inject(Net(), "lora", target_modules=r"fc", trainable_modules=r"head", r=2))
+    torch.manual_seed(0)
+    dst = load_adapter_state_dict(Net(), adapter_state_dict(src))
+    assert [n for n, _ in adapted_layers(dst)] == ["fc"]
+    trained = sorted(n for n, p in dst.named_parameters() if p.requires_grad)
+    assert trained == sorted(n for n, p in src.named_parameters() if p.requires_grad)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_dora_is_the_identity_at_init_on_a_float64_model():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 48)).double()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    y0 = base(x)
+    model = inject(base, "dora", target_modules=["0"], r=4)
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-14)
 
 
 def test_double_injection_is_refused():

@@ -165,7 +165,8 @@ def test_budget_picks_rank(tmp_path):
 
 
 @pytest.mark.parametrize("change,msg", [
-    (["adapter.r=3"], "another adapter: r: model has 3, file has 6"),
+    (["adapter.r=3"], "another adapter: options.r: model has 3, file has 6"),
+    (["adapter.alpha=40"], "another adapter: options.alpha: model has 40, file has 10.0"),  # scaling 4x
     (["adapter=lora"], "another adapter: method: model has 'lora', file has 'randlora'"),
     (["adapter.seed=5"], "other random bases"),
 ])

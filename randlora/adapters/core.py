@@ -32,6 +32,9 @@ BASES_PREFIX = "__bases__."
 # except RandLoRA: the paper's vision / vision-language preset 10 / r.
 DEFAULTS = {"full": {}, **{name: spec.defaults for name, spec in REGISTRY.items()}}
 COMMON = ("target_modules", "trainable_modules", "save_bases")
+# Options that change what an adapter computes from its tensors (the random bases aside, which are
+# compared by checksum). Others (path, dropout, init, the DoRA-DR schedule ...) may differ on resume.
+FUNCTION_OPTIONS = ("r", "alpha", "scale_sqrt_n", "k", "init_rank_factor")
 
 
 def _err(msg: str) -> ValueError:
@@ -127,6 +130,16 @@ def find_targets(model: nn.Module, target_modules) -> list[Target]:
         else:
             o, i = getattr(mod, _fused_param(mod)).shape
             out.append(Target(name, kind, o, i))
+    if out:
+        paths: dict[int, list[str]] = {}
+        for name, mod in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(mod), []).append(name)
+        shared = [f"{t.name} (also at {[n for n in paths[id(model.get_submodule(t.name))] if n != t.name]})"
+                  for t in out if len(paths[id(model.get_submodule(t.name))]) > 1]
+        if shared:
+            raise _err(f"target_modules {target_modules!r} matched modules that sit at more than one place in the "
+                       f"model: {shared[:5]}. Wrapping one place would leave the others running the plain "
+                       "weight; give each place its own module, or leave these out of target_modules")
     if unsupported:
         raise _err(f"target_modules {target_modules!r} matched layers that cannot be adapted: {unsupported}. "
                    "Supported: nn.Linear and modules with a fused 2-D in_proj_weight "
@@ -271,6 +284,10 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
         raise _err(f"layers {overlap[:5]} are both adapter targets and trainable_modules; "
                    "a layer is either adapted or fully trained, not both")
     _check_rank(method, opts, targets)
+    fused = [t.name for t in targets if t.kind == "param"]
+    if float(opts["dropout"]) > 0 and fused:
+        raise _err(f"dropout={opts['dropout']} is not supported on fused-parameter targets {fused[:5]} "
+                   "(their input is not a separate tensor); set dropout=0 or target Linear layers instead")
     shapes = [(t.out_features, t.in_features) for t in targets]
     spec = REGISTRY[method]
     bases = spec.make_bases(shapes, opts) if spec.make_bases else None
@@ -302,19 +319,53 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    _disable_fused_inference(model)
     setattr(model, META_ATTR, meta)
     return model
 
 
+def _disable_fused_inference(model: nn.Module) -> None:
+    """Turn off torch's inference fast path where it would bypass an adapted layer.
+
+    ``nn.TransformerEncoderLayer`` in eval mode (or under no_grad with frozen weights) reads
+    ``self_attn.in_proj_weight``, ``linear1.weight`` ... as attributes and runs one fused kernel,
+    without calling the submodules. Through a wrapper those reads give W0, so the update would
+    vanish from every evaluation while training looked right. ``activation_relu_or_gelu`` is the
+    flag only that fast path reads (the regular path calls ``self.activation``), so clearing it
+    sends the layer down the regular path, which calls the wrapped modules; the encoder's
+    nested-tensor conversion, which only that fast path consumes, is turned off with it."""
+    for m in model.modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and \
+                any(isinstance(c, ADAPTED_TYPES) for c in m.modules()):
+            if isinstance(m, nn.TransformerEncoderLayer):
+                m.activation_relu_or_gelu = 0
+            else:
+                m.use_nested_tensor = False
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every update into its base weight (outputs unchanged, adapter branch skipped)."""
-    for _, layer in adapted_layers(model):
+    """Fold every update into its base weight (outputs unchanged, adapter branch skipped).
+
+    Refused, before any weight is written, where an adapted weight is also used elsewhere (a tied
+    embedding / output head): merging in place would change the other use too."""
+    layers = adapted_layers(model)
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(clean_name(n))
+    tied = [f"{name} (also {[n for n in names[id(layer._base_weight())] if '.base_layer.' not in f'.{n}'][:3]})"
+            for name, layer in layers if not layer.merged and len(names.get(id(layer._base_weight()), ())) > 1]
+    if tied:
+        raise _err(f"cannot merge: the adapted weights of {tied[:5]} are tied to other parameters, and merging "
+                   "in place would change those too; evaluate unmerged (the same outputs), or untie the weights "
+                   "before injecting")
+    for _, layer in layers:
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract the folded updates again (inverse of ``merge``)."""
+    """Subtract the folded updates again (inverse of ``merge``). On weights stored in 16 bits this
+    restores W0 to within one rounding of ``W0 + dW`` per entry, not bit for bit."""
     for _, layer in adapted_layers(model):
         layer.unmerge()
     return model
@@ -489,10 +540,15 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
         raise _err(f"adapter format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
     tensors = {k: v for k, v in state.items() if k != META_KEY}
     fresh = not is_adapted(model)
+    merged = [n for n, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise _err(f"the model's updates are merged into its weights ({merged[:3]}); loading new adapter tensors "
+                   "now would make unmerge() subtract an update that was never added. Call unmerge(model) first, "
+                   "load, then merge(model) again")
     if fresh:
         if meta["method"] != "full":
             have = {t.name: [t.out_features, t.in_features]
-                    for t in find_targets(model, [x[0] for x in meta["targets"]])}
+                    for t in find_targets(model, _exact_names(x[0] for x in meta["targets"]))}
             bad = [f"{x[0]}: model {have.get(x[0])} vs file {x[2:]}" for x in meta["targets"]
                    if have.get(x[0]) != x[2:]]
             if bad:
@@ -516,8 +572,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
         raise _err(f"adapter tensor shapes differ: {wrong[:5]}")
     if fresh:
         opts = dict(meta["options"])
-        inject(model, meta["method"], target_modules=[x[0] for x in meta["targets"]] or meta["target_modules"],
-               trainable_modules=meta["trainable_names"] or None, save_bases=meta["save_bases"], **opts)
+        inject(model, meta["method"],
+               target_modules=_exact_names(x[0] for x in meta["targets"]) if meta["targets"] else meta["target_modules"],
+               trainable_modules=_exact_names(meta["trainable_names"]) if meta["trainable_names"] else None,
+               save_bases=meta["save_bases"], **opts)
         getattr(model, META_ATTR)["target_modules"] = meta["target_modules"]
         getattr(model, META_ATTR)["trainable_modules"] = meta["trainable_modules"]
     with torch.no_grad():
@@ -540,6 +598,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
                     buf.copy_(tensors[k].to(buf.dtype))
                 bases.invalidate()
     return model
+
+
+def _exact_names(names) -> str:
+    """A regex matching exactly these full module names (a list would match them as suffixes too:
+    a stored ``fc`` would also pick up ``sub.fc``)."""
+    return "|".join(re.escape(n) for n in names)
 
 
 def _expected_shapes(model: nn.Module, meta: dict) -> dict:

@@ -30,7 +30,8 @@ class DoRAUpdate(Update):
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.magnitude = nn.Parameter(base_weight.detach().float().norm(dim=1))
+        w0 = base_weight.detach()  # the row norms in float64 for a float64 model: exact identity at init
+        self.magnitude = nn.Parameter(w0.to(torch.promote_types(w0.dtype, torch.float32)).norm(dim=1))
 
     def _factor(self, w0):
         combined = w0.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
-from ..adapters.core import _diff_meta, _jsonable, adapter_meta, adapted_layers, clean_name
+from ..adapters.core import FUNCTION_OPTIONS, _diff_meta, _jsonable, adapter_meta, adapted_layers, clean_name
 from ..distributed import check_static_buffers, static_buffer_names
 
 # keys of the adapter config that are not options of inject()
@@ -246,15 +246,14 @@ class AdapterTask(L.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict) -> None:
         """Raise a ValueError if ``checkpoint`` was not trained with this task's adapter: another method,
-        other targets or trainable modules (so other tensor shapes), or other random bases. Options that
-        do not change the tensors (compute path, dropout, ...) may differ."""
+        other targets or trainable modules (so other tensor shapes), other random bases, or an option that
+        changes what the adapter computes (``FUNCTION_OPTIONS``: r, alpha, ...). Options that do not
+        (compute path, dropout, init, ...) may differ."""
         saved_meta = checkpoint.get("adapter_meta")
         if saved_meta is not None and hasattr(self.net, "_adapter_meta"):
+            function = tuple(f"options.{k}:" for k in FUNCTION_OPTIONS)
             diffs = [d for d in _diff_meta(_jsonable(adapter_meta(self.net)), _jsonable(saved_meta))
-                     if not d.startswith("options.")]
-            ranks = (adapter_meta(self.net)["options"].get("r"), (saved_meta.get("options") or {}).get("r"))
-            if not diffs and ranks[0] != ranks[1]:
-                diffs.append(f"r: model has {ranks[0]!r}, file has {ranks[1]!r}")
+                     if not d.startswith("options.") or d.startswith(function)]
             if diffs:
                 raise ValueError("the checkpoint was trained with another adapter: " + "; ".join(diffs)
                                  + "; resume with the checkpoint's adapter settings")
