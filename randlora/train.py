@@ -184,7 +184,11 @@ def run(cfg: DictConfig) -> dict:
         bundle = build_model(cfg.model)
         task = build_task(cfg, bundle, dm)
         if ckpt is not None:  # a checkpoint of another adapter is refused before anything is written
-            task.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True))
+            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            task.check_checkpoint(state)
+            if not cfg.train:  # evaluation only: the checkpoint's trained tensors are the model to test
+                task.load_trained_tensors(state)
+            del state
         results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
         results["params"] = task.parameter_summary()

@@ -34,6 +34,9 @@ def validate_config(cfg, deep: bool = True) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r} must be an integer")
+    if cfg.get("resume") and not cfg.get("train", True):
+        raise ValueError(f"train=false with resume={cfg.resume} would write an evaluation over that run's results; "
+                         f"to evaluate a run, use ckpt_path={cfg.resume}/checkpoints/last.ckpt (a new run folder)")
     a = OmegaConf.to_container(cfg.adapter, resolve=True)
     method = a.get("method")
     if method not in METHODS:

@@ -155,6 +155,25 @@ def test_randlora_bases_storage_follows_training_precision(tmp_path):
     assert res["status"] == "completed"
 
 
+def test_train_false_with_a_checkpoint_tests_that_checkpoint(tmp_path):
+    """train=false ckpt_path=... evaluates the checkpoint's weights (it once tested the untrained model:
+    chance accuracy); train=false resume=... is refused and leaves the run's results as they were."""
+    first = tmp_path / "a"
+    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST], first))
+    ck = first / "checkpoints" / "last.ckpt"
+    ev = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "train=false", f"ckpt_path={ck}"],
+                         tmp_path / "b"))
+    assert ev["metrics"]["test/acc"] == res["metrics"]["test/acc"]
+    assert ev["metrics"]["test/loss"] == pytest.approx(res["metrics"]["test/loss"], rel=1e-6)
+    untrained = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "train=false"], tmp_path / "c"))
+    assert untrained["metrics"]["test/loss"] != pytest.approx(res["metrics"]["test/loss"], rel=1e-3)
+    before = (first / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="train=false with resume=.* use ckpt_path="):
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "train=false", f"resume={first}"],
+                        tmp_path / "d"))
+    assert (first / "results.json").read_bytes() == before
+
+
 def test_budget_picks_rank(tmp_path):
     cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "adapter.budget=20000", *FAST], tmp_path)
     res = run(cfg)
@@ -284,12 +303,34 @@ def test_hf_save_to_disk_and_image_folder_sources(tmp_path):
     for extra in ([f"data.path={tmp_path / 'ds'}", "data.num_classes=3"],
                   [f"data.path={tmp_path / 'folder'}", "data.source=imagefolder", "data.num_classes=3"]):
         cfg = compose_cfg(["model=tiny_clip", "data=cifar10", "data.image_key=image", "data.label_key=label",
-                           "data.num_workers=0", "data.batch_size=4", *extra, *FAST], tmp_path / "run")
+                           "data.num_workers=0", "data.batch_size=4", "data.val_fraction=0.5", *extra, *FAST],
+                          tmp_path / "run")
         dm = build_datamodule(cfg)
         dm.setup()
         assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
         x, y = next(iter(dm.train_dataloader()))
         assert x.shape[1:] == (3, 16, 16) and y.max() < 3
+        # the validation items held out of train are read with the evaluation transform, not cifar10's
+        # random crops and flips (which the training items still get)
+        assert dm.augment == "clip"
+        torch.manual_seed(0)
+        assert len(dm.val_set) == 6
+        assert all(torch.equal(dm.val_set[i][0], dm.val_set[i][0]) for i in range(len(dm.val_set)))
+        assert any(not torch.equal(dm.train_set[i][0], dm.train_set[i][0]) for i in range(len(dm.train_set)))
+    # an image folder whose test split lacks a class folder would shift the labels after it: refused,
+    # and an empty folder for that class is the fix
+    import shutil
+
+    from randlora.data.images import DataConfigError
+    shutil.rmtree(tmp_path / "folder" / "test" / "dog")
+    folder = [f"data.path={tmp_path / 'folder'}", "data.source=imagefolder", "data.num_classes=3"]
+    cfg = compose_cfg(["model=tiny_clip", "data=cifar10", "data.num_workers=0", *folder, *FAST], tmp_path / "r2")
+    with pytest.raises(DataConfigError, match=r"has classes \['cat', 'owl'\] but 'train' has \['cat', 'dog', 'owl'\]"):
+        build_datamodule(cfg).setup()
+    (tmp_path / "folder" / "test" / "dog").mkdir()
+    dm = build_datamodule(cfg)
+    dm.setup()
+    assert sorted(set(dm.test_set.labels.tolist())) == [0, 2]  # owl keeps label 2
 
 
 def test_hub_dataset_offline_message(tmp_path):

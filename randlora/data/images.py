@@ -13,6 +13,7 @@ same images.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import lightning as L
@@ -218,7 +219,13 @@ class ImageDataModule(L.LightningDataModule):
             d = os.path.join(self.path, split)
             if not os.path.isdir(d):
                 raise SourceUnavailableError(f"image folder split {d!r} does not exist")
-            ds = ImageFolder(d, transform=self._tf(split == self.train_split))
+            ds = ImageFolder(d, transform=self._tf(split == self.train_split), allow_empty=True)
+            if sets and ds.classes != sets[0].classes:
+                # each ImageFolder numbers the class folders it finds: a split missing one would shift labels
+                raise DataConfigError(
+                    f"image folder split {d!r} has classes {ds.classes[:10]} but {self.train_split!r} has "
+                    f"{sets[0].classes[:10]}; every split needs the same class sub-folders (an empty folder for "
+                    "a class without images)")
             ds.labels = torch.tensor(ds.targets)
             sets.append(ds)
         self.class_names = self.class_names or sets[0].classes
@@ -281,12 +288,23 @@ class ImageDataModule(L.LightningDataModule):
             raise DataConfigError(f"{len(self.class_names)} class names for {n_cls} classes")
         if val is None:  # hold out part of train, stratified and seed-independent of the method
             tr_idx, va_idx = split_indices(train.labels, self.val_fraction, self.seed)
-            val, train = Subset(train, va_idx), Subset(train, tr_idx)
+            val, train = Subset(self._read_for_eval(train), va_idx), Subset(train, tr_idx)
         if self.shots is not None:
             train = Subset(train, few_shot_indices(train.labels, self.shots, self.seed, self.class_names))
         if self.fraction != 1.0:
             train = Subset(train, fraction_indices(len(train), self.fraction, self.seed))
         self.train_set, self.val_set, self.test_set = train, val, test
+
+    def _read_for_eval(self, ds):
+        """``ds`` with the evaluation transform: validation items held out of the training split must
+        not go through the training augmentation (random crops and flips made val/acc noisy)."""
+        if isinstance(ds, Subset):
+            return Subset(self._read_for_eval(ds.base), ds.indices)
+        if self.source not in ("hf", "imagefolder"):
+            return ds  # in-memory tensors: one deterministic transform for every split
+        twin = copy.copy(ds)
+        twin.transform = self._tf(False)
+        return twin
 
     def _loader(self, ds, shuffle, bs):
         sampler = EpochSeededSampler(len(ds), self.order_seed) if shuffle else None

@@ -270,5 +270,21 @@ class AdapterTask(L.LightningModule):
             raise ValueError(f"the checkpoint was trained with other random bases (checksum {saved}, this run "
                              f"{mine}); resume with the same adapter.seed, adapter.distribution and targets")
 
+    def load_trained_tensors(self, checkpoint: dict) -> None:
+        """Load a checkpoint's trained tensors into this (unwrapped) task, for evaluation without
+        training. Every trained parameter must be in it, and nothing it holds may be unknown here."""
+        sd = checkpoint["state_dict"]
+        own = self.state_dict()
+        unexpected = sorted(set(sd) - set(own))
+        missing = sorted({n for n, p in self.named_parameters() if p.requires_grad} - set(sd))
+        if unexpected or missing:
+            raise ValueError(f"the checkpoint does not fit this model: missing trained tensors {missing[:5]}, "
+                             f"unknown tensors {unexpected[:5]}")
+        wrong = [f"{k}: model {tuple(own[k].shape)}, checkpoint {tuple(v.shape)}" for k, v in sd.items()
+                 if tuple(own[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"the checkpoint's tensor shapes differ from this model's: {wrong[:5]}")
+        self.load_state_dict(sd, strict=False)
+
     def on_load_checkpoint(self, checkpoint):
         self.check_checkpoint(checkpoint)
