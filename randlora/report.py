@@ -44,7 +44,7 @@ METHOD_ORDER = ["full", "lora", "vera", "randlora"]
 _SKIP_DIRS = {".hydra", ".git", "__pycache__", ".pytest_cache", "wandb"}  # wandb/: W&B's local files
 
 RESULT_COLUMNS = [
-    "method", "model", "dataset", "task", "shots", "fraction", "r", "budget", "metric", "mean",
+    "method", "variant", "model", "dataset", "task", "shots", "fraction", "r", "budget", "metric", "mean",
     "std", "n_seeds", "seeds", "n_runs", "trainable", "total", "ratio", "adapter_params",
     "lora_equivalent_rank", "step_time_s", "samples_per_s", "peak_memory_mb", "sweeps", "run_dirs",
 ]
@@ -370,7 +370,7 @@ def collect_wandb(group: str, project: str, entity: str | None = None, timeout: 
 # --------------------------------------------------------------------------------------------
 
 def _method_rank(method: Any) -> tuple:
-    m = str(method)
+    m = str(method).split(" [")[0]  # a variant's label: "randlora [adapter.distribution=binary]"
     return (METHOD_ORDER.index(m), "") if m in METHOD_ORDER else (len(METHOD_ORDER), m)
 
 
@@ -397,10 +397,35 @@ def _setting(row: dict) -> tuple:
     return ("none", 0.0)
 
 
+# Overrides that do not change the experiment: the seed (what the report averages over), where and
+# how the job ran, and the choices the rest of the key already holds.
+_NOT_EXPERIMENT = ("seed", "hydra.", "trainer", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                   "trainer.strategy", "data.num_workers", "data.eval_batch_size", "logger", "wandb", "callbacks",
+                   "resume", "ckpt_path", "group", "paths", "output_dir", "compile", "model", "data",
+                   "adapter.r", "adapter.budget", "data.shots", "data.fraction")
+
+
+def variant(row: dict) -> str:
+    """The command-line overrides that make this run another experiment than its method / model /
+    dataset / size / regime say (``adapter.distribution=binary``, ``task.loss=...``, another learning
+    rate ...), sorted; "" for none. Seeds of one experiment share it, so they are averaged together,
+    and runs that differ otherwise are never averaged as if they were seeds."""
+    out = []
+    for o in row.get("overrides") or []:
+        key, eq, value = str(o).lstrip("+~").partition("=")
+        if not eq or key in _NOT_EXPERIMENT or key.startswith(("hydra.", "paths.", "logger.", "wandb.",
+                                                                "callbacks.")):
+            continue
+        if key == "adapter" and value == str(row.get("method")):
+            continue
+        out.append(f"{key}={value}")
+    return " ".join(sorted(out))
+
+
 def config_key(row: dict) -> tuple:
-    """(method, model, dataset, r-or-budget, shots-or-fraction): the rows averaged over seeds."""
+    """(method, model, dataset, r-or-budget, shots-or-fraction, variant): the rows averaged over seeds."""
     return (str(row.get("method")), str(row.get("model")), str(row.get("dataset")),
-            _setting(row), _regime(row))
+            _setting(row), _regime(row), variant(row))
 
 
 def _common(values: Iterable[Any]) -> Any:
@@ -454,8 +479,9 @@ def summarize(rows: Sequence[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
         seed_counts = Counter(str(s) for s in seeds)
         rs = sorted({r["r"] for r in runs if r.get("r") is not None})
         first = runs[0]
+        label = first.get("method") if not key[5] else f"{first.get('method')} [{key[5]}]"
         out.append({
-            "method": first.get("method"), "model": first.get("model"), "dataset": first.get("dataset"),
+            "method": label, "variant": key[5], "model": first.get("model"), "dataset": first.get("dataset"),
             "task": _common(r.get("task") for r in runs),
             "shots": first.get("shots") if first.get("shots") is not None else None,
             "fraction": None if first.get("shots") is not None else _regime(first)[1],

@@ -177,6 +177,25 @@ def test_std_over_seeds(tmp_path):
     assert "67.50 ± 17.08" in md  # accuracy shown in percent
 
 
+def test_runs_of_other_experiments_are_not_averaged_as_seeds(tmp_path):
+    """Two basis distributions (same method, model, dataset, budget, one seed each) are two rows, each
+    labelled with what differs; the seeds of one experiment still average, whatever ran them."""
+    def job(dist, seed, acc, *more):
+        r = results("randlora", 1e5, seed=seed, acc=acc)
+        r["overrides"] = r["overrides"] + [f"+basis={dist}", *more]
+        return r
+    folder = make_multirun(tmp_path, "2025-02-01_00-00-00_aaaaaa",
+                           [job("uniform", 1, 0.5), job("binary", 1, 0.9), job("binary", 2, 0.7, "trainer=ddp"),
+                            job("binary", 3, 0.8, "data.num_workers=8", "hydra.job.chdir=false")])
+    summary = summarize(collect([folder]))
+    got = {s["method"]: (s["n_seeds"], round(s["mean"], 6), s["variant"]) for s in summary}
+    assert got == {"randlora [basis=uniform]": (1, 0.5, "basis=uniform"),
+                   "randlora [basis=binary]": (3, 0.8, "basis=binary")}
+    assert all(not s["duplicate_seeds"] for s in summary)
+    md = write_report([folder], tmp_path / "out")
+    assert "randlora [basis=binary]" in md and "randlora [basis=uniform]" in md
+
+
 def test_metric_is_selectable(sweep):
     table = by_config(summarize(collect([sweep]), "val/acc"))
     assert table[("lora", 1e5, "digits")]["mean"] == pytest.approx(statistics.mean(ACC[("lora", 1e5)]) + 0.01)
