@@ -258,6 +258,20 @@ def test_ddp_cpu_two_processes(tmp_path):
     assert abs(res["metrics"]["test/acc"] * n_test - round(res["metrics"]["test/acc"] * n_test)) < 1e-3
 
 
+@pytest.mark.slow
+def test_ddp_evaluation_loss_is_the_mean_over_every_sample(tmp_path):
+    """359 test images on 2 ranks (180 / 179) in batches of 7: the test loss equals the one-process
+    value. Logging batch means with sync_dist averaged the integer sample counter (359 / 2 -> 179)
+    and gave 2.5952 for 2.5880."""
+    args = ["model=tiny_vit", "adapter=randlora", "train=false", "data.eval_batch_size=7"]
+    out = train_cli([*args, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = run(compose_cfg([*args, "trainer=cpu"], tmp_path / "one"))["metrics"]
+    two = results(tmp_path / "ddp")["metrics"]
+    assert two["test/acc"] == pytest.approx(one["test/acc"], abs=1e-9)
+    assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------- bad input / offline
 @pytest.mark.parametrize("args,msg", [
     (["adapter=dora_nope"], "Could not find 'adapter/dora_nope'"),
@@ -360,6 +374,14 @@ def test_clip_vision_only_variant_trains_image_tower_only(tmp_path):
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "checkpoints" / "adapter.safetensors")).keys()
     assert keys and all(k.startswith("visual.") for k in keys)
+    # full fine-tuning in that variant trains (and counts) the image tower and the scale only
+    cfg = compose_cfg(["model=tiny_clip", "adapter=full", "task.text_tower=frozen", *FAST], tmp_path / "full")
+    dm = build_datamodule(cfg)
+    dm.setup()
+    task = build_task(cfg, build_model(cfg.model), dm)
+    trained = {n for n, p in task.net.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in task.net.named_parameters() if n.startswith("visual.")} | {"logit_scale"}
+    assert task.parameter_summary()["trainable"] == sum(p.numel() for p in task.net.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("loss,scale", [("in_batch_official", "raw"), ("all_classes", "exp")])

@@ -64,6 +64,8 @@ class AdapterTask(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.bases_checksum = None
         self._param_counts = None
+        from torchmetrics import MeanMetric
+        self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     # -- accounting
     def parameter_summary(self) -> dict:
@@ -269,6 +271,15 @@ class AdapterTask(L.LightningModule):
                     f"adapter.bases_dtype={theirs}")
             raise ValueError(f"the checkpoint was trained with other random bases (checksum {saved}, this run "
                              f"{mine}); resume with the same adapter.seed, adapter.distribution and targets")
+
+    def log_eval_loss(self, stage: str, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
+        """Log ``<stage>/loss`` as the epoch's weighted mean of ``value``, exact across ranks: the
+        metric sums values and weights on every rank. (Logging a batch mean with ``sync_dist``
+        averaged Lightning's integer sample counter and truncated it, which biased the mean whenever
+        ranks evaluated different numbers of samples.)"""
+        metric = self.eval_loss[stage]
+        metric.update(value.detach().float(), weight)
+        self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
 
     def load_trained_tensors(self, checkpoint: dict) -> None:
         """Load a checkpoint's trained tensors into this (unwrapped) task, for evaluation without

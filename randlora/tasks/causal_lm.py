@@ -185,7 +185,7 @@ class CausalLMTask(AdapterTask):
         if "input_ids" in batch:
             out = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            labels=batch["labels"], use_cache=False)
-            self.log(f"{stage}/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=n)
+            self.log_eval_loss(stage, out.loss, n)  # batch token-means, weighted by the batch's examples
         gen_ok = [-1] * n
         if self.evaluator in ("generate", "both"):
             texts = self.generate_texts(batch["prompt_ids"], batch["prompt_mask"])

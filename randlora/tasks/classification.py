@@ -48,7 +48,7 @@ class ClassificationTask(AdapterTask):
         x, y = batch
         logits = self(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log_eval_loss(stage, F.cross_entropy(logits, y, reduction="none"))  # the mean over samples
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def validation_step(self, batch, _):

@@ -39,6 +39,10 @@ class ClipTask(AdapterTask):
         info = apply_adapter(net, adapter_cfg, targets)
         if info["method"] != "full":
             net.logit_scale.requires_grad_(False)
+        elif text_tower == "frozen":  # full fine-tuning of the image tower (and the scale) only
+            for name, p in net.named_parameters():
+                if not name.startswith("visual.") and name != "logit_scale":
+                    p.requires_grad_(False)
         super().__init__(optim, info)
         self.net = net
         self.tokenizer = bundle.tokenizer
@@ -96,7 +100,7 @@ class ClipTask(AdapterTask):
         img = F.normalize(self.net.encode_image(x), dim=-1)
         logits = self._scale() * img @ self._eval_head.t()
         metric(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log_eval_loss(stage, F.cross_entropy(logits, y, reduction="none"))  # the mean over samples
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
 
     def on_test_epoch_start(self):
