@@ -327,7 +327,7 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
 def _disable_fused_inference(model: nn.Module) -> None:
     """Turn off torch's inference fast path where it would bypass an adapted layer.
 
-    ``nn.TransformerEncoderLayer`` in eval mode (or under no_grad with frozen weights) reads
+    ``nn.TransformerEncoderLayer`` in eval mode, when none of the weights it checks requires grad, reads
     ``self_attn.in_proj_weight``, ``linear1.weight`` ... as attributes and runs one fused kernel,
     without calling the submodules. Through a wrapper those reads give W0, so the update would
     vanish from every evaluation while training looked right. ``activation_relu_or_gelu`` is the
