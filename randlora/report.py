@@ -399,10 +399,11 @@ def _setting(row: dict) -> tuple:
 
 # Overrides that do not change the experiment: the seed (what the report averages over), where and
 # how the job ran, and the choices the rest of the key already holds.
-_NOT_EXPERIMENT = ("seed", "hydra.", "trainer", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+_NOT_EXPERIMENT = ("seed", "trainer", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
                    "trainer.strategy", "data.num_workers", "data.eval_batch_size", "logger", "wandb", "callbacks",
                    "resume", "ckpt_path", "group", "paths", "output_dir", "compile", "model", "data",
                    "adapter.r", "adapter.budget", "data.shots", "data.fraction")
+_NOT_EXPERIMENT_PREFIXES = ("hydra.", "paths.", "logger.", "wandb.", "callbacks.")
 
 
 def variant(row: dict) -> str:
@@ -413,8 +414,7 @@ def variant(row: dict) -> str:
     out = []
     for o in row.get("overrides") or []:
         key, eq, value = str(o).lstrip("+~").partition("=")
-        if not eq or key in _NOT_EXPERIMENT or key.startswith(("hydra.", "paths.", "logger.", "wandb.",
-                                                                "callbacks.")):
+        if not eq or key in _NOT_EXPERIMENT or key.startswith(_NOT_EXPERIMENT_PREFIXES):
             continue
         if key == "adapter" and value == str(row.get("method")):
             continue

@@ -134,8 +134,8 @@ def find_targets(model: nn.Module, target_modules) -> list[Target]:
         paths: dict[int, list[str]] = {}
         for name, mod in model.named_modules(remove_duplicate=False):
             paths.setdefault(id(mod), []).append(name)
-        shared = [f"{t.name} (also at {[n for n in paths[id(model.get_submodule(t.name))] if n != t.name]})"
-                  for t in out if len(paths[id(model.get_submodule(t.name))]) > 1]
+        places = {t.name: paths[id(model.get_submodule(t.name))] for t in out}
+        shared = [f"{name} (also at {[n for n in at if n != name]})" for name, at in places.items() if len(at) > 1]
         if shared:
             raise _err(f"target_modules {target_modules!r} matched modules that sit at more than one place in the "
                        f"model: {shared[:5]}. Wrapping one place would leave the others running the plain "

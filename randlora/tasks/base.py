@@ -8,6 +8,7 @@ import math
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
 
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
@@ -64,7 +65,6 @@ class AdapterTask(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.bases_checksum = None
         self._param_counts = None
-        from torchmetrics import MeanMetric
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     # -- accounting
