@@ -4,6 +4,7 @@ import argparse
 import fnmatch
 import glob
 import importlib
+import importlib.util
 import math
 import re
 import shlex
@@ -234,6 +235,7 @@ def _exists(rel: str) -> bool:
 def _accepts(module: str, argv: list[str], monkeypatch) -> None:
     """Run ``benchmarks.<module>``'s own argument parser on ``argv`` (as ``python -m`` would hand it
     over), stopping right after parsing: no benchmark runs."""
+    assert importlib.util.find_spec(f"benchmarks.{module}"), f"RESULTS.md names a missing benchmarks.{module}"
     mod = importlib.import_module(f"benchmarks.{module}")
     src = Path(mod.__file__).read_text()
     assert 'if __name__ == "__main__":' in src, f"`python -m benchmarks.{module}` does nothing: no __main__ block"
@@ -276,7 +278,7 @@ def test_results_page_is_short_and_its_files_and_commands_are_real(monkeypatch):
     stages = {s for label in stages for s in label.split("|")}
     for words in GPU_STAGES.findall(text):
         shown = [w for w in shlex.split(words) if not w.startswith(("<", "..."))]
-        assert set(shown) <= stages, f"gpu_session.sh has no stage {sorted(set(shown) - stages)} (it has {sorted(stages)})"
+        assert set(shown) <= stages, f"gpu_session.sh has no stage {sorted(set(shown) - stages)}: {sorted(stages)}"
 
 
 def test_every_raw_result_file_is_cited_current_ones_by_the_results_page(monkeypatch):
@@ -292,8 +294,8 @@ def test_every_raw_result_file_is_cited_current_ones_by_the_results_page(monkeyp
 
     files = sorted(str(p.relative_to(BENCH_DIR)) for p in (BENCH_DIR / "results").rglob("*") if p.is_file())
     current = [f for f in files if not f.startswith("results/archive/")]
-    assert not [f for f in current if not cited(f, results)], \
-        "raw results that RESULTS.md does not cite: cite them or git mv them to results/archive/"
+    uncited = [f for f in current if not cited(f, results)]
+    assert not uncited, f"RESULTS.md does not cite {uncited}: cite them, or git mv them to results/archive/"
     stale = [f for f in files if f.startswith("results/archive/") and not cited(f, results | archive)]
     assert not stale, f"archived raw results that neither page cites: {stale}"
     for module in ("run", "layer", "ops", "attn_path", "ddp", "sparse_bases"):
