@@ -8,6 +8,7 @@
   ``merged_state_dict`` / ``state_delta`` turn an adapted model into plain-weight deltas.
 * Update spectra: ``spectrum``, ``effective_rank`` (Roy & Vetterli 2007), ``numerical_rank`` and
   ``layer_spectra`` over every adapted layer of a model (or over a dict of weight deltas).
+* ``plot_rank_heatmap``: DoRA-DR's surviving rank per layer and matrix type.
 
 Nothing here depends on Hydra or Lightning; matplotlib is imported lazily by the plot functions.
 """
@@ -24,7 +25,7 @@ from torch import nn
 __all__ = ["linear_cka", "layer_activations", "cka_per_layer", "plot_cka",
            "plane_coefficients", "mix_state", "loss_plane", "loss_path", "plot_loss_plane",
            "merged_state_dict", "state_delta",
-           "spectrum", "effective_rank", "numerical_rank", "layer_spectra", "plot_spectra"]
+           "spectrum", "effective_rank", "numerical_rank", "layer_spectra", "plot_spectra", "plot_rank_heatmap"]
 
 PLANE_POINTS = ((0.0, 0.0), (1.0, 0.0), (0.5, 1.0))
 
@@ -447,4 +448,37 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path=None, *, title: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_rank_heatmap(rank_table: Sequence[tuple[str, int]], path=None, *, r_start: int | None = None,
+                      r: int | None = None):
+    """Per-layer surviving rank as an image (layer index x matrix type), from
+    ``DynamicRankScheduler.rank_table()``: [(layer name, rank), ...]. Returns the figure."""
+    import re
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols, vals = {}, {}, {}
+    for name, rank in rank_table:
+        m = re.search(r"(\d+)", name)
+        layer = int(m.group(1)) if m else 0
+        kind = re.sub(r".*?\d+\.", "", name) if m else name
+        rows.setdefault(layer, len(rows))
+        cols.setdefault(kind, len(cols))
+        vals[(layer, kind)] = rank
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (layer, kind), v in vals.items():
+        grid[rows[layer], cols[kind]] = v
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(cols), 1 + 0.35 * len(rows)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), list(cols), rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [str(k) for k in rows])
+    ax.set_xlabel("matrix")
+    ax.set_ylabel("layer")
+    ax.set_title("DoRA-DR surviving rank" + (f" (start {r_start}, target mean {r})" if r_start else ""))
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
     return _finish(fig, path)

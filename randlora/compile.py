@@ -147,7 +147,7 @@ def compile_model(model: nn.Module, opts) -> dict:
     for _, mod in targets:
         mod.compile(**kw)
     classes = sorted({type(m).__name__ for _, m in targets})
-    from .adapters.core import adapted_layers
+    from .adapters import adapted_layers
     inside = {id(m) for _, t in targets for m in t.modules()}
     outside = [n for n, layer in adapted_layers(model) if id(layer) not in inside]
     return {"enabled": True, **o, "compiled": [n or "<model>" for n, _ in targets], "classes": classes,

@@ -145,7 +145,7 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
     """Targets, rank and budget against the architecture built on the meta device (no weights)."""
     if method == "full":
         return
-    from .adapters.core import _check_rank, find_targets, match_budget
+    from .adapters import check_rank, find_targets, match_budget
     from .models import meta_backbone
     model = meta_backbone(cfg.model)
     if model is None:
@@ -158,7 +158,7 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
                          **{k: v for k, v in opts.items() if k != "r"})
         else:
             full_opts = resolve_options(method, opts)
-            _check_rank(method, full_opts, found)
+            check_rank(method, full_opts, found)
     except ValueError as e:
         raise ValueError(f"adapter on model {cfg.model.name!r}: {e}") from None
 

@@ -10,7 +10,7 @@ from torch import nn
 from randlora.adapters import (adapter_state_dict, count_trainable, format_parameter_table, inject,
                                load_adapter, load_adapter_state_dict, lora_equivalent_rank, match_budget,
                                merge, parameter_table, save_adapter, shared_bases, unmerge)
-from randlora.adapters.core import adapted_layers, compute_paths, is_adapted
+from randlora.adapters import REGISTRY, adapted_layers, adapter_meta, compute_paths, is_adapted
 from tests.conftest import TinyNet
 
 TARGETS = ["attn", "up", "down", "sq"]
@@ -34,7 +34,12 @@ CASES = {
 
 
 def method_of(case):
-    return case.split("_")[0]
+    """The registered method a case name starts with (the longest: ``dora_dr`` is not ``dora``)."""
+    return max((m for m in REGISTRY if case == m or case.startswith(m + "_")), key=len)
+
+
+def test_every_registered_method_has_an_invariant_case():
+    assert {method_of(c) for c in CASES} == set(REGISTRY), "add a CASES entry for every method in the registry"
 
 
 def build(case, seed=0):
@@ -189,6 +194,7 @@ def test_parameter_counts_equal_formulas():
         "randlora": lambda o, i: -(-min(o, i) // r) * (r + min(o, i)),
         "dora": lambda o, i: r * (o + i) + o,
         "nola": lambda o, i: 2 * 1024,
+        "dora_dr": lambda o, i: 6 * (o + i + 1),  # start rank ceil(1.5 r) = 6 gated components
     }.items():
         torch.manual_seed(0)
         m = inject(TinyNet(), method, target_modules=TARGETS, r=r, trainable_modules=["head"])
@@ -201,6 +207,40 @@ def test_parameter_counts_equal_formulas():
         assert "total" in format_parameter_table(m)
     full = inject(TinyNet(), "full")
     assert count_trainable(full) == sum(p.numel() for p in TinyNet().parameters())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_declared_shapes_are_what_each_update_allocates(case):
+    """Counts and budgets come from each method's declared shapes; they must be what is built."""
+    model = build(case)
+    spec = REGISTRY[method_of(case)]
+    opts = spec.options(**{k: v for k, v in adapter_meta(model)["options"].items()})
+    for _, layer in adapted_layers(model):
+        o, i = layer.out_features, layer.in_features
+        assert {n: tuple(p.shape) for n, p in layer.update.named_parameters()} == spec.param_shapes(o, i, opts)
+        stored = {n: tuple(t.shape) for n, t in layer.update.state_dict().items()}
+        assert stored == spec.state_shapes(o, i, opts)
+        assert sum(p.numel() for p in layer.update.parameters()) == spec.num_trainable(o, i, opts)
+
+
+def test_the_library_imports_without_the_framework():
+    """``randlora.adapters`` is pure PyTorch: no Lightning, Hydra, OmegaConf, matplotlib or model zoo."""
+    code = (
+        "import sys, importlib.abc\n"
+        "BANNED = ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'matplotlib', 'timm', 'open_clip',"
+        " 'transformers', 'datasets', 'wandb', 'torchmetrics', 'torchvision')\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BANNED:\n"
+        "            raise ImportError('framework module imported by the adapter library: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "import randlora.adapters as a\n"
+        "m = a.inject(torch.nn.Sequential(torch.nn.Linear(8, 8)), 'randlora', target_modules=['0'], r=2)\n"
+        "a.merge(m); a.unmerge(m); a.adapter_state_dict(m)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def _delta(model, name):
@@ -433,7 +473,7 @@ def test_self_attention_path_matches_torch_mha_float64(case, mask, batch_first):
     ref_y = _materialised_reference(model, x, **kw)
     ref = torch.autograd.grad((ref_y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
     upd = model.attn.update
-    if hasattr(upd, "last_path"):  # RandLoRA: the projection ran one of its own paths, not the fallback
+    if upd.chooses_path:  # RandLoRA: the projection ran one of its own paths, not the fallback
         assert upd.last_path in ("factorised", "merged")
         if upd.path != "auto":
             assert upd.last_path == upd.path
@@ -531,7 +571,7 @@ def test_other_attention_calls_fall_back_to_the_materialised_weight(case):
         ref = torch.func.functional_call(base, {"in_proj_weight": w}, args, kw)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
         assert (got[1] is None) == (ref[1] is None)
-        if hasattr(attn.update, "last_path"):
+        if attn.update.chooses_path:
             assert attn.update.last_path == "materialised"
     with pytest.raises(RuntimeError, match="attn_mask"):
         attn(x, x, x, need_weights=False, attn_mask=torch.zeros(4, 4, dtype=torch.bool))

@@ -18,7 +18,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from randlora.adapters import count_total, find_targets, match_budget  # noqa: E402
+from randlora.adapters import count_total, find_targets, get_method, match_budget  # noqa: E402
 from randlora.adapters.lora import LoRAUpdate  # noqa: E402
 from randlora.adapters.randlora import RandLoRAUpdate  # noqa: E402
 from randlora.data import commonsense as cs  # noqa: E402
@@ -272,11 +272,12 @@ def _meta_model(config):
 
 
 def _per_layer_counts(model, targets, method, r):
-    cls = {"lora": LoRAUpdate, "randlora": RandLoRAUpdate}[method]
+    spec = get_method(method)
+    opts = spec.options(r=r)
     found = find_targets(model, targets)
     first = [t for t in found if ".layers.0." in t.name]
-    return sum(cls.num_trainable(t.out_features, t.in_features, r) for t in first), \
-        sum(cls.num_trainable(t.out_features, t.in_features, r) for t in found)
+    return sum(spec.num_trainable(t.out_features, t.in_features, opts) for t in first), \
+        sum(spec.num_trainable(t.out_features, t.in_features, opts) for t in found)
 
 
 def test_llama3_8b_randlora30_matches_lora32_on_meta():

@@ -110,7 +110,8 @@ def test_heatmap_image(tmp_path, batch):
     model = build(r=4)
     sched = DynamicRankScheduler(model, 20, r=4, r_start=6, prune_interval=1)
     _train_with_schedule(model, sched, 20, *batch)
-    sched.heatmap(tmp_path / "ranks.png")
+    from randlora.analysis import plot_rank_heatmap
+    plot_rank_heatmap(sched.rank_table(), tmp_path / "ranks.png", r_start=6, r=4)
     assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert math.isclose(sum(r for _, r in sched.rank_table()) / len(sched.layers), 4.0)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from randlora.adapters import inject, load_adapter, save_adapter
-from randlora.adapters.core import adapter_state_dict, clean_name
+from randlora.adapters import adapter_state_dict, clean_name
 from randlora.distributed import fsdp_strategy, replicated_parameters
 from randlora.models import build_model
 from randlora.train import build_datamodule, build_task

@@ -128,7 +128,7 @@ def test_randlora_bases_storage_follows_training_precision(tmp_path):
     assert results(tmp_path)["config"]["adapter"]["bases_dtype"] == "bfloat16"  # results.json: resolved config
     assert results(tmp_path)["config"]["adapter"]["seed"] == cfg.seed
     from randlora.adapters import load_adapter, shared_bases
-    from randlora.adapters.core import adapted_layers
+    from randlora.adapters import adapted_layers
     from randlora.adapters.randlora import make_randlora_bases
     from randlora.tasks.base import bases_checksum
     from randlora.tasks.classification import Classifier

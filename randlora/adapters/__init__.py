@@ -1,19 +1,28 @@
-"""Adapter methods for parameter-efficient fine-tuning, in pure PyTorch.
+"""Adapter methods for parameter-efficient fine-tuning, in pure PyTorch (no Lightning, no Hydra).
 
 ``inject(model, method, **options)`` adapts a model in place; ``merge`` / ``unmerge`` fold the
 update into the base weights and back; ``adapter_state_dict`` / ``load_adapter_state_dict`` (and
 ``save_adapter`` / ``load_adapter`` for files) save only what was trained; ``count_trainable``,
 ``parameter_table``, ``match_budget`` and ``lora_equivalent_rank`` compare methods at equal budgets.
-"""
-from .core import (DEFAULTS, METHODS, adaptable_modules, adapted_layers, adapter_meta, adapter_state_dict,
-                   compute_paths, count_total, count_trainable, find_targets, format_parameter_table,
-                   format_paths, inject, is_adapted,
-                   load_adapter, load_adapter_state_dict, lora_equivalent_rank, match_budget, merge,
-                   parameter_table, resolve_options, save_adapter, shared_bases, unmerge)
-from .randlora import num_bases
 
-__all__ = ["DEFAULTS", "METHODS", "adaptable_modules", "adapted_layers", "adapter_meta", "adapter_state_dict",
-           "compute_paths", "count_total", "count_trainable", "find_targets", "format_parameter_table",
-           "format_paths", "inject", "is_adapted",
-           "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank", "match_budget", "merge",
-           "num_bases", "parameter_table", "resolve_options", "save_adapter", "shared_bases", "unmerge"]
+Layout: ``layers.py`` (the ``Update`` interface and the two wrappers), ``bases.py`` (shared random
+bases), one file per method (``lora.py``, ``dora.py``, ``vera.py``, ``randlora.py``, ``dora_dr.py``,
+``nola.py``: options class, update, bases), ``registry.py`` (the list of methods), ``targets.py``
+(which layers), ``inject.py`` (inject / merge / inspect), ``counting.py`` (counts, budgets),
+``state.py`` (state dicts and files).
+"""
+from .counting import (count_total, count_trainable, format_parameter_table, lora_equivalent_rank, match_budget,
+                       parameter_table)
+from .inject import (adapted_layers, adapter_meta, check_rank, compute_paths, format_paths, inject, is_adapted,
+                     merge, shared_bases, unmerge)
+from .randlora import num_bases
+from .registry import DEFAULTS, FUNCTION_OPTIONS, METHODS, REGISTRY, get_method, resolve_options
+from .state import adapter_state_dict, diff_meta, load_adapter, load_adapter_state_dict, save_adapter
+from .targets import adaptable_modules, clean_name, find_targets
+
+__all__ = ["DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "REGISTRY", "adaptable_modules", "adapted_layers",
+           "adapter_meta", "adapter_state_dict", "check_rank", "clean_name", "compute_paths", "count_total",
+           "count_trainable", "diff_meta", "find_targets", "format_parameter_table", "format_paths", "get_method",
+           "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",
+           "match_budget", "merge", "num_bases", "parameter_table", "resolve_options", "save_adapter",
+           "shared_bases", "unmerge"]

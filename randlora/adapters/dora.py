@@ -10,16 +10,34 @@ its graph. Trainable parameters per layer: r * (in + out) + out.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import Update
+from .options import Method, MethodOptions
+
+
+@dataclass
+class DoRAOptions(MethodOptions):
+    """LoRA's options, plus ``detach_norm``: treat the row norm as a constant in backward (DoRA
+    paper §4.3; saves the memory of its graph)."""
+
+    detach_norm: bool = True
 
 
 class DoRAUpdate(Update):
     delta_depends_on_base = True
+
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        return {"lora_A": (opts.r, in_features), "lora_B": (out_features, opts.r), "magnitude": (out_features,)}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases, base_weight):
+        return cls(out_features, in_features, opts.r, opts.scaling, base_weight, opts.detach_norm)
 
     def __init__(self, out_features: int, in_features: int, r: int, scaling: float, base_weight: torch.Tensor,
                  detach_norm: bool = True):
@@ -62,6 +80,5 @@ class DoRAUpdate(Update):
         y = y.to(out.dtype)
         return y if base.bias is None else y + base.bias
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
-        return r * (out_features + in_features) + out_features
+
+METHOD = Method("dora", DoRAOptions, DoRAUpdate)

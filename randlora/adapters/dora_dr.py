@@ -21,19 +21,74 @@ Trainable parameters per layer during training: r' (in + out + 1).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import Update
+from .options import Method, MethodOptions, function_option
+from .targets import clean_name
 
 
 def start_rank(r: int, factor: float) -> int:
     return int(math.ceil(factor * r))
 
 
+@dataclass
+class DoRADROptions(MethodOptions):
+    """``r``: the target mean rank after pruning; ``init_rank_factor``: start rank r' = ceil(factor r);
+    ``alpha``: scaling alpha / r' (default 8); the schedule: ``prune_start_ratio`` (end of phase 1),
+    ``final_phase_ratio`` (length of phase 3), ``prune_interval`` (steps between prunings),
+    ``ema_beta`` (importance EMA), ``dem_weight`` (the DEM regulariser's weight)."""
+
+    alpha: float | None = function_option(8.0, "scaling alpha / r' (r' the start rank)")
+    init_rank_factor: float = function_option(1.5, "start rank r' = ceil(init_rank_factor * r)")
+    prune_start_ratio: float = 0.15
+    final_phase_ratio: float = 0.5
+    prune_interval: int = 100
+    ema_beta: float = 0.9
+    dem_weight: float = 0.1
+
+    def default_alpha(self) -> float:
+        return 8.0
+
+    @property
+    def start_rank(self) -> int:
+        return start_rank(self.r, self.init_rank_factor)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.start_rank
+
+    def validate(self):
+        for key in ("prune_start_ratio", "final_phase_ratio"):
+            if not (0 <= getattr(self, key) < 1):
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if self.prune_start_ratio + self.final_phase_ratio >= 1:
+            raise ValueError("prune_start_ratio + final_phase_ratio must be < 1 (the pruning window would be empty)")
+        if self.init_rank_factor < 1:
+            raise ValueError(f"init_rank_factor must be >= 1 (start rank >= target rank), got {self.init_rank_factor!r}")
+        if not (isinstance(self.prune_interval, int) and self.prune_interval > 0):
+            raise ValueError(f"prune_interval must be a positive integer, got {self.prune_interval!r}")
+
+
 class DoRADRUpdate(Update):
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        r0 = opts.start_rank
+        return {"lora_A": (r0, in_features), "lora_B": (out_features, r0), "gates": (r0,)}
+
+    @staticmethod
+    def buffer_shapes(out_features, in_features, opts):
+        r0 = opts.start_rank
+        return {"ema_score": (r0,), "final_mask": (r0,)}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases=None, base_weight=None):
+        return cls(out_features, in_features, opts.r, opts.start_rank, opts.scaling)
+
     def __init__(self, out_features: int, in_features: int, r: int, r_start: int, scaling: float):
         super().__init__()
         self.out_features, self.in_features, self.r, self.r_start, self.scaling = \
@@ -69,9 +124,8 @@ class DoRADRUpdate(Update):
     def live_components(self) -> int:
         return int((self.gates.detach() != 0).sum())
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r_start: int, **_) -> int:
-        return r_start * (out_features + in_features + 1)
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 class DynamicRankScheduler:
@@ -84,7 +138,6 @@ class DynamicRankScheduler:
         if total_steps is None or not math.isfinite(float(total_steps)) or int(total_steps) <= 0:
             raise ValueError(f"DoRA-DR needs the total number of optimizer steps to place its pruning schedule, "
                              f"got {total_steps!r}; set trainer.max_epochs or trainer.max_steps")
-        from .core import clean_name  # (core imports this module through the registry)
         self.layers = [(clean_name(n), m.update) for n, m in model.named_modules()
                        if isinstance(getattr(m, "update", None), DoRADRUpdate)]
         if not self.layers:
@@ -97,6 +150,14 @@ class DynamicRankScheduler:
         self.interval, self.beta, self.dem_weight = int(prune_interval), float(ema_beta), float(dem_weight)
         self.n_total = len(self.layers) * r_start
         self.threshold = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, total_steps) -> "DynamicRankScheduler":
+        """The schedule of an injected DoRA-DR model, with the options stored at injection."""
+        o = DoRADROptions(**getattr(model, "_adapter_meta")["options"])
+        return cls(model, total_steps, r=o.r, r_start=o.start_rank, prune_start_ratio=o.prune_start_ratio,
+                   final_phase_ratio=o.final_phase_ratio, prune_interval=o.prune_interval, ema_beta=o.ema_beta,
+                   dem_weight=o.dem_weight)
 
     def phase(self, step: int) -> int:
         return 1 if step < self.t_start else (2 if step <= self.t_end else 3)
@@ -143,7 +204,7 @@ class DynamicRankScheduler:
 
     def counts(self) -> dict:
         """Parameters during training, stored after pruning (kept components), LoRA-equivalent rank."""
-        training = sum(u.num_trainable(u.out_features, u.in_features, u.r_start) for _, u in self.layers)
+        training = sum(u.num_trainable() for _, u in self.layers)
         kept = [(u, int((~u.final_mask).sum()) if u.final_mask.any() else u.live_components()) for _, u in self.layers]
         stored = sum(k * (u.out_features + u.in_features + 1) for u, k in kept)
         lora_eq = stored / sum(u.out_features + u.in_features for _, u in self.layers)
@@ -153,31 +214,5 @@ class DynamicRankScheduler:
     def rank_table(self) -> list[tuple[str, int]]:
         return [(n, int((~u.final_mask).sum()) if u.final_mask.any() else u.live_components()) for n, u in self.layers]
 
-    def heatmap(self, path) -> None:
-        """Per-layer surviving rank as an image (layer index x matrix type)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import re
-        rows, cols, vals = {}, {}, {}
-        for name, rank in self.rank_table():
-            m = re.search(r"(\d+)", name)
-            layer = int(m.group(1)) if m else 0
-            kind = re.sub(r".*?\d+\.", "", name) if m else name
-            rows.setdefault(layer, len(rows))
-            cols.setdefault(kind, len(cols))
-            vals[(layer, kind)] = rank
-        grid = torch.full((len(rows), len(cols)), float("nan"))
-        for (layer, kind), v in vals.items():
-            grid[rows[layer], cols[kind]] = v
-        fig, ax = plt.subplots(figsize=(1 + 0.9 * len(cols), 1 + 0.35 * len(rows)))
-        im = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(cols)), list(cols), rotation=45, ha="right")
-        ax.set_yticks(range(len(rows)), [str(k) for k in rows])
-        ax.set_xlabel("matrix")
-        ax.set_ylabel("layer")
-        ax.set_title(f"DoRA-DR surviving rank (start {self.r_start}, target mean {self.r})")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+
+METHOD = Method("dora_dr", DoRADROptions, DoRADRUpdate, schedule=DynamicRankScheduler)

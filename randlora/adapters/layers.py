@@ -36,13 +36,38 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class Update(nn.Module):
     """A method's per-layer trainable update of an ``(out_features, in_features)`` weight.
 
-    Subclasses implement ``delta_weight()`` (the scaled dW, shape (out, in), in float32 or
-    the parameters' dtype) and may override ``branch(x)`` (= x dW^T, computed cheaply) and
-    ``linear(x, base, dropout)`` (the whole adapted linear, for fused paths).
+    Subclasses implement
+
+    * ``param_shapes(out, in, opts)``: the shape of every trained tensor, which the constructor
+      allocates and from which parameter counts and budgets are derived (``buffer_shapes`` for
+      persistent buffers a method keeps in its state, if any);
+    * ``build(out, in, opts, bases, base_weight)``: the update of one layer from the method's
+      options object, the shared bases (or None) and the frozen weight W0;
+    * ``delta_weight()``: the scaled dW, shape (out, in), in float32 or the parameters' dtype;
+
+    and may override ``branch(x)`` (= x dW^T, computed cheaply) and ``linear(x, base, dropout)``
+    (the whole adapted linear, for fused paths). A method that picks a compute path per call sets
+    ``chooses_path`` and records the path of the last call in ``last_path``. A method whose dW
+    depends on W0 (DoRA) sets ``delta_depends_on_base`` and takes W0 in ``delta_weight``.
     """
 
     out_features: int
     in_features: int
+    chooses_path = False
+    last_path: str | None = None
+    delta_depends_on_base = False
+
+    @staticmethod
+    def param_shapes(out_features: int, in_features: int, opts) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @staticmethod
+    def buffer_shapes(out_features: int, in_features: int, opts) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    @classmethod
+    def build(cls, out_features: int, in_features: int, opts, bases, base_weight) -> "Update":
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -105,7 +130,7 @@ class _Wrapper(nn.Module):
         module holds it now, not a reference kept at injection: under FSDP the original Parameter
         is a shard view, and ``load_state_dict(assign=True)`` replaces it. A merged layer's W
         already holds W0 + dW, so the dW folded in at merge time is returned."""
-        if not getattr(self.update, "delta_depends_on_base", False):
+        if not self.update.delta_depends_on_base:
             return self.update.delta_weight()
         if self.merged:
             return self.__dict__["_merged_delta"]
@@ -117,7 +142,7 @@ class _Wrapper(nn.Module):
             return
         w = self._base_weight()
         delta = self.delta_weight().to(device=w.device, dtype=w.dtype)
-        if getattr(self.update, "delta_depends_on_base", False):
+        if self.update.delta_depends_on_base:
             self._merged_delta = delta  # DoRA's dW is a function of W0: keep it to undo exactly
         w.add_(delta)
         self.merged = True
@@ -207,7 +232,7 @@ class AdaptedParameter(_Wrapper):
                 out = self._self_attention(**call)
                 if out is not None:
                     return out
-        if hasattr(self.update, "last_path"):
+        if self.update.chooses_path:
             self.update.last_path = "materialised"  # dW built in full for this call
         w = self._base_weight()
         w_eff = w + self.delta_weight().to(w.dtype)

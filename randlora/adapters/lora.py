@@ -6,15 +6,31 @@ update is exactly zero at init. Trainable parameters per layer: r * (in + out).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import Update
+from .options import Method, MethodOptions
+
+
+@dataclass
+class LoRAOptions(MethodOptions):
+    """``r``: rank; ``alpha``: scaling alpha / r (None: alpha = r, scaling 1); ``dropout`` on the
+    adapter input."""
 
 
 class LoRAUpdate(Update):
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        return {"lora_A": (opts.r, in_features), "lora_B": (out_features, opts.r)}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases=None, base_weight=None):
+        return cls(out_features, in_features, opts.r, opts.scaling)
+
     def __init__(self, out_features: int, in_features: int, r: int, scaling: float):
         super().__init__()
         self.out_features, self.in_features, self.r, self.scaling = out_features, in_features, r, scaling
@@ -33,6 +49,5 @@ class LoRAUpdate(Update):
         up = self.lora_B if self.scaling == 1.0 else self.lora_B * self.scaling
         return F.linear(F.linear(x, self.lora_A), up)
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
-        return r * (out_features + in_features)
+
+METHOD = Method("lora", LoRAOptions, LoRAUpdate)

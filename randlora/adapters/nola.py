@@ -10,12 +10,29 @@ paper draws separate bases per layer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .bases import SharedBases
 from .layers import Update
+from .options import Method, MethodOptions, function_option
+
+
+@dataclass
+class NoLAOptions(MethodOptions):
+    """``r``: rank of each basis (paper: 1); ``k``: bases per side, i.e. trained coefficients per side
+    (paper: 1024); ``alpha``: scaling alpha / r (None: 1); ``seed``: the bases' generator seed."""
+
+    r: int = function_option(1, "rank of each random basis")
+    k: int = function_option(1024, "random bases per side (trained coefficients per side)")
+    seed: int = 0
+
+    def validate(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise ValueError(f"k (number of NoLA bases per side) must be a positive integer, got {self.k!r}")
 
 
 def make_nola_bases(shapes, r: int, k: int, seed: int) -> SharedBases:
@@ -30,6 +47,14 @@ def make_nola_bases(shapes, r: int, k: int, seed: int) -> SharedBases:
 
 
 class NoLAUpdate(Update):
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        return {"coef_b": (opts.k,), "coef_a": (opts.k,)}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases, base_weight=None):
+        return cls(out_features, in_features, opts.r, opts.k, opts.scaling, bases)
+
     def __init__(self, out_features: int, in_features: int, r: int, k: int, scaling: float, bases: SharedBases):
         super().__init__()
         self.out_features, self.in_features, self.r, self.k, self.scaling = out_features, in_features, r, k, scaling
@@ -55,6 +80,7 @@ class NoLAUpdate(Update):
         up, down = self.factors(dt)
         return F.linear(F.linear(x.to(dt), down), up) * self.scaling
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r: int, k: int = 1024, **_) -> int:
-        return 2 * k
+
+METHOD = Method("nola", NoLAOptions, NoLAUpdate,
+                make_bases=lambda shapes, opts: make_nola_bases(shapes, opts.r, opts.k, opts.seed),
+                knob="k", knob_max=8192)

@@ -31,13 +31,15 @@ Compute paths (``path=``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bases import SharedBases, draw_basis
+from .bases import DISTRIBUTIONS, SharedBases, draw_basis
 from .layers import Update, _as
+from .options import Method, MethodOptions, function_option
 
 PATHS = ("auto", "factorised", "merged")
 # Time per FLOP of the factorised path relative to the merged one, by device type, for path="auto".
@@ -56,6 +58,44 @@ def num_bases(out_features: int, in_features: int, r: int) -> int:
 
 
 BASES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RandLoRAOptions(MethodOptions):
+    """RandLoRA's options (the math is in the module docstring).
+
+    ``alpha``: s = alpha / r (times 1 / sqrt(n) with ``scale_sqrt_n``); None: alpha = 10, the paper's
+    vision / vision-language preset 10 / r. The LLM preset is alpha = 2r with ``scale_sqrt_n``.
+    ``init``: ``default`` (lambda = 0, gamma = 1/m) or ``vision`` (lambda = 1/n, gamma = 0).
+    ``distribution`` of the bases (``uniform``, ``normal``, ``binary``, ``sparse``, ``very_sparse``) and
+    ``sparsity`` s with P(+-1) = 1/s (None: 6 for sparse, sqrt(m_max) for very_sparse).
+    ``path``: ``auto`` | ``factorised`` | ``merged`` (see ``RandLoRAUpdate.choose_path``).
+    ``bases_dtype``: storage of the bases, ``float32`` or a 16-bit type (the float32 draw rounded once).
+    ``seed``: the bases' generator seed.
+    """
+
+    seed: int = 0
+    scale_sqrt_n: bool = function_option(False, "divide the scaling by sqrt(n)")
+    init: str = "default"
+    distribution: str = "uniform"
+    sparsity: float | None = None
+    path: str = "auto"
+    bases_dtype: str = "float32"
+
+    def default_alpha(self) -> float:
+        return 10.0
+
+    def validate(self):
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown basis distribution {self.distribution!r}; choose one of {list(DISTRIBUTIONS)}")
+        if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and self.sparsity >= 2):
+            raise ValueError(f"sparsity s must be >= 2 (P(+-1) = 1/s each), got {self.sparsity!r}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown RandLoRA init {self.init!r}; choose one of {list(INITS)}")
+        if self.path not in PATHS:
+            raise ValueError(f"unknown RandLoRA path {self.path!r}; choose one of {list(PATHS)}")
+        if self.bases_dtype not in BASES_DTYPES:
+            raise ValueError(f"bases_dtype={self.bases_dtype!r} is unknown; choose one of {list(BASES_DTYPES)}")
 
 
 def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distribution: str = "uniform",
@@ -215,6 +255,17 @@ class _Merged(torch.autograd.Function):
 
 
 class RandLoRAUpdate(Update):
+    chooses_path = True
+
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        n = num_bases(out_features, in_features, opts.r)
+        return {"lambda_": (n, opts.r), "gamma": (n, min(out_features, in_features))}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases, base_weight=None):
+        return cls(out_features, in_features, opts.r, opts.alpha, bases, opts.scale_sqrt_n, opts.init, opts.path)
+
     def __init__(self, out_features: int, in_features: int, r: int, alpha: float, bases: SharedBases,
                  scale_sqrt_n: bool = False, init: str = "default", path: str = "auto"):
         super().__init__()
@@ -225,7 +276,6 @@ class RandLoRAUpdate(Update):
         self.in_small = in_features <= out_features
         self.scaling = alpha / r / (math.sqrt(self.n) if scale_sqrt_n else 1.0)
         self.path = path
-        self.last_path = None
         object.__setattr__(self, "bases", bases)  # a reference, not a submodule: stored once on the root
         if init == "default":
             lam = torch.zeros(self.n, r)
@@ -286,7 +336,7 @@ class RandLoRAUpdate(Update):
                           self.scaling, self.in_small, dt)
         return y
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
-        n = num_bases(out_features, in_features, r)
-        return n * (r + min(out_features, in_features))
+
+METHOD = Method("randlora", RandLoRAOptions, RandLoRAUpdate,
+                make_bases=lambda shapes, opts: make_randlora_bases(shapes, opts.r, opts.seed, opts.distribution,
+                                                                    opts.sparsity, opts.bases_dtype))

@@ -8,6 +8,7 @@ Trainable parameters per layer: out + r. ``s`` = alpha / r (alpha defaults to r,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,17 @@ from torch import nn
 
 from .bases import SharedBases
 from .layers import Update, _as
+from .options import Method, MethodOptions, function_option
+
+
+@dataclass
+class VeRAOptions(MethodOptions):
+    """``r``: rows of the shared projections (the paper's 256 / 1024); ``alpha``: scaling alpha / r
+    (None: 1); ``seed``: the bases' generator seed; ``d_init``: the initial value of d."""
+
+    r: int = function_option(256, "rows of the shared random projections")
+    seed: int = 0
+    d_init: float = 0.1
 
 
 def make_vera_bases(shapes: list[tuple[int, int]], r: int, seed: int) -> SharedBases:
@@ -29,6 +41,14 @@ def make_vera_bases(shapes: list[tuple[int, int]], r: int, seed: int) -> SharedB
 
 
 class VeRAUpdate(Update):
+    @staticmethod
+    def param_shapes(out_features, in_features, opts):
+        return {"vera_b": (out_features,), "vera_d": (opts.r,)}
+
+    @classmethod
+    def build(cls, out_features, in_features, opts, bases, base_weight=None):
+        return cls(out_features, in_features, opts.r, opts.scaling, bases, opts.d_init)
+
     def __init__(self, out_features: int, in_features: int, r: int, scaling: float,
                  bases: SharedBases, d_init: float = 0.1):
         super().__init__()
@@ -62,6 +82,7 @@ class VeRAUpdate(Update):
             m = m * self.scaling
         return F.linear(F.linear(_as(x, dt), a), _as(m, dt))
 
-    @staticmethod
-    def num_trainable(out_features: int, in_features: int, r: int, **_) -> int:
-        return out_features + r
+
+METHOD = Method("vera", VeRAOptions, VeRAUpdate,
+                make_bases=lambda shapes, opts: make_vera_bases(shapes, opts.r, opts.seed),
+                rank_limited=False, knob_max=8192)

@@ -12,7 +12,8 @@ from torchmetrics import MeanMetric
 
 from ..adapters import (count_total, count_trainable, format_parameter_table, inject, lora_equivalent_rank,
                         match_budget, shared_bases)
-from ..adapters.core import FUNCTION_OPTIONS, _diff_meta, _jsonable, adapter_meta, adapted_layers, clean_name
+from ..adapters import FUNCTION_OPTIONS, adapted_layers, adapter_meta, clean_name, diff_meta
+from ..adapters.state import jsonable
 from ..distributed import check_static_buffers, static_buffer_names
 
 # keys of the adapter config that are not options of inject()
@@ -117,13 +118,8 @@ class AdapterTask(L.LightningModule):
     dynamic_rank = None
 
     def _start_dynamic_rank(self):
-        from ..adapters.dora_dr import DynamicRankScheduler, start_rank
-        o = adapter_meta(self.net)["options"]
-        total = self.trainer.estimated_stepping_batches
-        self.dynamic_rank = DynamicRankScheduler(
-            self.net, total, r=o["r"], r_start=start_rank(o["r"], o["init_rank_factor"]),
-            prune_start_ratio=o["prune_start_ratio"], final_phase_ratio=o["final_phase_ratio"],
-            prune_interval=o["prune_interval"], ema_beta=o["ema_beta"], dem_weight=o["dem_weight"])
+        from ..adapters.dora_dr import DynamicRankScheduler
+        self.dynamic_rank = DynamicRankScheduler.for_model(self.net, self.trainer.estimated_stepping_batches)
         self._last_step = self.trainer.global_step
 
     def add_regularizer(self, loss):
@@ -148,7 +144,9 @@ class AdapterTask(L.LightningModule):
         if step == self.dynamic_rank.t_end and self.trainer.is_global_zero:
             import os
             path = os.path.join(self.trainer.default_root_dir, "dora_dr_ranks.png")
-            self.dynamic_rank.heatmap(path)
+            from ..analysis import plot_rank_heatmap
+            plot_rank_heatmap(self.dynamic_rank.rank_table(), path, r_start=self.dynamic_rank.r_start,
+                              r=self.dynamic_rank.r)
             for lg in self.loggers:
                 if hasattr(lg, "log_image"):
                     lg.log_image(key="dora/rank_heatmap", images=[path])
@@ -254,7 +252,7 @@ class AdapterTask(L.LightningModule):
         saved_meta = checkpoint.get("adapter_meta")
         if saved_meta is not None and hasattr(self.net, "_adapter_meta"):
             function = tuple(f"options.{k}:" for k in FUNCTION_OPTIONS)
-            diffs = [d for d in _diff_meta(_jsonable(adapter_meta(self.net)), _jsonable(saved_meta))
+            diffs = [d for d in diff_meta(jsonable(adapter_meta(self.net)), jsonable(saved_meta))
                      if not d.startswith("options.") or d.startswith(function)]
             if diffs:
                 raise ValueError("the checkpoint was trained with another adapter: " + "; ".join(diffs)
