@@ -30,6 +30,10 @@ CASES = {
     "nola": dict(r=1, k=16, seed=3),
     "dora_dr": dict(r=2),
     "nola_rank2": dict(r=2, k=8, seed=5),
+    # a rank per layer (what an exact parameter budget mixes)
+    "lora_layer_ranks": dict(r=4, alpha=8, layer_options={"up": {"r": 2}, "attn": {"r": 6, "alpha": 3.0}}),
+    "dora_layer_ranks": dict(r=4, layer_options={"down": {"r": 3}}),
+    "randlora_layer_ranks": dict(r=4, seed=3, layer_options={"up": {"r": 3}, "sq": {"r": 6}}),
 }
 
 
@@ -214,8 +218,9 @@ def test_declared_shapes_are_what_each_update_allocates(case):
     """Counts and budgets come from each method's declared shapes; they must be what is built."""
     model = build(case)
     spec = REGISTRY[method_of(case)]
-    opts = spec.options(**{k: v for k, v in adapter_meta(model)["options"].items()})
-    for _, layer in adapted_layers(model):
+    meta = adapter_meta(model)
+    for name, layer in adapted_layers(model):
+        opts = spec.for_layer(spec.options(**meta["options"]), meta["layer_options"].get(name))
         o, i = layer.out_features, layer.in_features
         assert {n: tuple(p.shape) for n, p in layer.update.named_parameters()} == spec.param_shapes(o, i, opts)
         stored = {n: tuple(t.shape) for n, t in layer.update.state_dict().items()}
@@ -957,3 +962,43 @@ def test_adapter_file_from_before_an_option_existed_still_loads(batch):
     other = adapter_state_dict(build("randlora_bf16bases"))
     with pytest.raises(ValueError, match="options.bases_dtype: model has 'float32', file has 'bfloat16'"):
         load_adapter_state_dict(model, other)
+
+
+def test_layer_options_set_a_rank_and_scaling_per_layer(batch):
+    model = build("lora_layer_ranks")
+    rows = {row["layer"]: row["trainable"] for row in parameter_table(model)}
+    assert rows == {"attn": 6 * (36 + 12), "up": 2 * (20 + 12), "down": 4 * (12 + 20), "sq": 4 * (12 + 12)}
+    layers = dict(adapted_layers(model))
+    # alpha is resolved once (8 here); a layer with its own rank is scaled by alpha / its r, as PEFT does
+    assert layers["up"].update.scaling == 8 / 2 and layers["sq"].update.scaling == 8 / 4
+    assert layers["attn"].update.scaling == 3.0 / 6
+    rl = build("randlora_layer_ranks")
+    assert dict(adapted_layers(rl))["up"].update.lambda_.shape == (4, 3)  # n = ceil(12 / 3) bases of rank 3
+    assert dict(adapted_layers(rl))["sq"].update.lambda_.shape == (2, 6)
+
+
+def test_one_rank_everywhere_draws_the_same_bases_with_or_without_per_layer_ranks():
+    from randlora.adapters.randlora import make_randlora_bases
+    shapes = [(20, 12), (12, 20), (36, 12)]
+    a = make_randlora_bases(shapes, 4, 7)
+    b = make_randlora_bases([(o, i, 4) for o, i in shapes], 4, 7)
+    assert all(torch.equal(a._buffers[k], b._buffers[k]) for k in ("A", "B"))
+
+
+@pytest.mark.parametrize("method,extra,layer_options,msg", [
+    ("lora", {}, {"nope": {"r": 2}}, "not adapted layers"),
+    ("randlora", {"seed": 1}, {"up": {"seed": 2}}, "cannot be set per layer"),
+    ("vera", {"r": 8}, {"up": {"r": 2}}, "cannot be set per layer"),
+    ("lora", {}, {"sq": {"r": 13}}, "larger than min"),
+    ("lora", {}, {"sq": {"r": 0}}, "positive integer"),
+    ("lora", {}, {"sq": 3}, "option dicts"),
+])
+def test_bad_layer_options_are_refused_before_the_model_changes(method, extra, layer_options, msg):
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=msg):
+        inject(model, method, target_modules=TARGETS, layer_options=layer_options, **extra)
+    assert not is_adapted(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) in (nn.MultiheadAttention, nn.Linear, TinyNet, nn.modules.linear.NonDynamicallyQuantizableLinear)
+               for m in model.modules())

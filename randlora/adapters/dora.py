@@ -81,4 +81,4 @@ class DoRAUpdate(Update):
         return y if base.bias is None else y + base.bias
 
 
-METHOD = Method("dora", DoRAOptions, DoRAUpdate)
+METHOD = Method("dora", DoRAOptions, DoRAUpdate, per_layer=("r", "alpha"))

@@ -69,14 +69,39 @@ def format_paths(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in counts.items())
 
 
-def check_rank(method: str, opts: dict, targets: list[Target]) -> None:
+def check_rank(method: str, opts: dict, targets: list[Target], layer_options: dict | None = None) -> None:
     """Refuse an r above min(out, in) of some target, for methods whose rank is bounded by it."""
-    if get_method(method).rank_limited:
+    if not get_method(method).rank_limited:
+        return
+    layer_options = layer_options or {}
+    if not any("r" in v for v in layer_options.values()):
         limit = min(min(t.out_features, t.in_features) for t in targets)
         if opts["r"] > limit:
             small = [t.name for t in targets if min(t.out_features, t.in_features) == limit][:3]
             raise _err(f"r={opts['r']} is larger than the smallest adapted layer allows "
                        f"(min(out, in) = {limit} for {small}); use r <= {limit}")
+        return
+    for t in targets:
+        r = layer_options.get(t.name, {}).get("r", opts["r"])
+        if r > min(t.out_features, t.in_features):
+            raise _err(f"r={r} for layer {t.name} is larger than min(out, in) = "
+                       f"{min(t.out_features, t.in_features)}; use r <= {min(t.out_features, t.in_features)}")
+
+
+def _check_layer_options(method: str, layer_options, targets: list[Target]) -> dict:
+    """``layer_options`` as {target name: {option: value}}, every name a target, every option one
+    the method allows per layer, every value valid."""
+    if not layer_options:
+        return {}
+    if not isinstance(layer_options, dict) or not all(isinstance(v, dict) for v in layer_options.values()):
+        raise _err(f"layer_options must map full module names to option dicts, e.g. {{'blocks.0.fc1': {{'r': 4}}}}; "
+                   f"got {layer_options!r}")
+    names = {t.name for t in targets}
+    unknown = sorted(set(layer_options) - names)
+    if unknown:
+        raise _err(f"layer_options names {unknown[:5]} that are not adapted layers; adapted: {sorted(names)[:10]}"
+                   + (" ..." if len(names) > 10 else ""))
+    return {name: dict(v) for name, v in layer_options.items() if v}
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,13 +111,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modules=None,
-           save_bases: bool = False, **options) -> nn.Module:
+           save_bases: bool = False, layer_options: dict | None = None, **options) -> nn.Module:
     """Adapt ``model`` in place with ``method`` and return it.
 
     ``target_modules``: list of names matched as module-name suffixes, or a regex string matched
     against full module names. ``trainable_modules``: modules kept fully trainable (a head).
     ``save_bases``: store the random bases once in ``adapter_state_dict`` (default: regenerated
-    from the seed). Method options: the method's options class (``registry.REGISTRY[method].options``).
+    from the seed). ``layer_options``: {full module name: {option: value}} for the options the method
+    lets a layer set for itself (``Method.per_layer``: the rank ``r`` and ``alpha`` for LoRA, DoRA and
+    RandLoRA; the scaling of such a layer is alpha / its own r, as in PEFT's ``rank_pattern``).
+    Method options: the method's options class (``registry.REGISTRY[method].options``).
     After the call exactly the adapter parameters and ``trainable_modules`` require grad
     (everything for ``"full"``).
     """
@@ -107,8 +135,10 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
     train_names = trainable_names(model, trainable_modules)
     meta = {"format": FORMAT_VERSION, "method": method, "options": opts,
             "target_modules": target_modules, "trainable_modules": trainable_modules,
-            "trainable_names": train_names, "save_bases": bool(save_bases), "targets": []}
+            "trainable_names": train_names, "save_bases": bool(save_bases), "targets": [], "layer_options": {}}
     if method == "full":
+        if layer_options:
+            raise _err("layer_options has no meaning for full fine-tuning (every parameter trains); drop it")
         for p in model.parameters():
             p.requires_grad_(True)
         setattr(model, META_ATTR, meta)
@@ -119,14 +149,17 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
     if overlap:
         raise _err(f"layers {overlap[:5]} are both adapter targets and trainable_modules; "
                    "a layer is either adapted or fully trained, not both")
-    check_rank(method, opts, targets)
+    spec = get_method(method)
+    typed = spec.options(**opts)
+    per_layer = _check_layer_options(method, layer_options, targets)
+    layer_opts = {t.name: spec.for_layer(typed, per_layer.get(t.name)) for t in targets}
+    check_rank(method, opts, targets, per_layer)
     fused = [t.name for t in targets if t.kind == "param"]
     if float(opts["dropout"]) > 0 and fused:
         raise _err(f"dropout={opts['dropout']} is not supported on fused-parameter targets {fused[:5]} "
                    "(their input is not a separate tensor); set dropout=0 or target Linear layers instead")
-    spec = get_method(method)
-    typed = spec.options(**opts)
-    bases = spec.make_bases([(t.out_features, t.in_features) for t in targets], typed) if spec.make_bases else None
+    layers = [(t.out_features, t.in_features, layer_opts[t.name]) for t in targets]
+    bases = spec.make_bases(layers, typed) if spec.make_bases else None
     if bases is not None and "sparsity" in bases.spec:
         opts["sparsity"] = bases.spec["sparsity"]  # the default sparsity made explicit in the record
 
@@ -136,7 +169,7 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
     for t in targets:
         mod = model.get_submodule(t.name)
         ref = mod.weight if t.kind == "linear" else getattr(mod, fused_param(mod))
-        upd = spec.update.build(t.out_features, t.in_features, typed, bases, ref)
+        upd = spec.update.build(t.out_features, t.in_features, layer_opts[t.name], bases, ref)
         # adapter parameters are float32 master weights (float64 on a float64 model, for exact tests)
         upd.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
         if t.kind == "linear":
@@ -145,6 +178,7 @@ def inject(model: nn.Module, method: str, *, target_modules=None, trainable_modu
             wrapper = AdaptedParameter(mod, fused_param(mod), upd, float(opts["dropout"]))
         _set_module(model, t.name, wrapper)
         meta["targets"].append([t.name, t.kind, t.out_features, t.in_features])
+    meta["layer_options"] = per_layer
     if bases is not None:
         # Registered once, on the first adapted layer (never on the root: a root nn.Sequential would
         # run it as a layer), so model.to(device) moves it; the other layers hold plain references.

@@ -50,4 +50,4 @@ class LoRAUpdate(Update):
         return F.linear(F.linear(x, self.lora_A), up)
 
 
-METHOD = Method("lora", LoRAOptions, LoRAUpdate)
+METHOD = Method("lora", LoRAOptions, LoRAUpdate, per_layer=("r", "alpha"))

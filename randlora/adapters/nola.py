@@ -82,5 +82,6 @@ class NoLAUpdate(Update):
 
 
 METHOD = Method("nola", NoLAOptions, NoLAUpdate,
-                make_bases=lambda shapes, opts: make_nola_bases(shapes, opts.r, opts.k, opts.seed),
+                make_bases=lambda layers, opts: make_nola_bases([(o, i) for o, i, _ in layers], opts.r, opts.k,
+                                                                opts.seed),
                 knob="k", knob_max=8192)

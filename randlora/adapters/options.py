@@ -88,14 +88,17 @@ class MethodOptions:
 class Method:
     """One adapter method: its options, its per-layer update and how its shared bases are drawn.
 
-    ``make_bases(shapes, opts)``: the frozen random bases shared by every adapted layer (VeRA,
-    RandLoRA, NoLA), from the list of (out, in) target shapes; None for methods without bases.
+    ``make_bases(layers, opts)``: the frozen random bases shared by every adapted layer (VeRA,
+    RandLoRA, NoLA), from the list of (out, in, layer options) of the targets and the model-wide
+    options; None for methods without bases.
     ``rank_limited``: r may not exceed min(out, in) of any target.
     ``knob``: the option ``match_budget`` tunes; ``knob_max``: its upper end (None: the smallest
     min(out, in) of the targets).
     ``schedule``: a class driving the method during training (DoRA-DR's pruning), built with
     ``schedule.for_model(model, total_steps)``; the training framework calls its ``regularizer``
     and ``after_step`` (see ``dora_dr.DynamicRankScheduler``).
+    ``per_layer``: the options a layer may set for itself (``inject(..., layer_options=...)``), e.g.
+    a rank per layer so that a parameter budget can be met exactly.
     """
 
     name: str
@@ -106,6 +109,7 @@ class Method:
     knob: str = "r"
     knob_max: int | None = None
     schedule: type | None = None
+    per_layer: tuple[str, ...] = ()
 
     def resolve(self, options: dict) -> MethodOptions:
         """The options object for ``options`` (defaults filled, values checked)."""
@@ -115,6 +119,17 @@ class Method:
             raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; "
                              f"valid options: {sorted(allowed | set(COMMON))}")
         return self.options(**{k: v for k, v in options.items() if k in allowed})
+
+    def for_layer(self, opts: MethodOptions, overrides: dict | None) -> MethodOptions:
+        """The options of one layer: ``opts`` with that layer's own values (checked) in place."""
+        if not overrides:
+            return opts
+        bad = sorted(set(overrides) - set(self.per_layer))
+        if bad:
+            allowed = list(self.per_layer) or "none"
+            raise ValueError(f"option(s) {bad} cannot be set per layer for method {self.name!r} "
+                             f"(per-layer options: {allowed})")
+        return dataclasses.replace(opts, **overrides)
 
     def param_shapes(self, out_features: int, in_features: int, opts: MethodOptions) -> dict:
         return self.update.param_shapes(out_features, in_features, opts)

@@ -98,23 +98,28 @@ class RandLoRAOptions(MethodOptions):
             raise ValueError(f"bases_dtype={self.bases_dtype!r} is unknown; choose one of {list(BASES_DTYPES)}")
 
 
-def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distribution: str = "uniform",
+def make_randlora_bases(shapes: list[tuple[int, ...]], r: int, seed: int, distribution: str = "uniform",
                         sparsity: float | None = None, dtype: str = "float32") -> SharedBases:
     """One B stack and one A for all target shapes, drawn from a generator seeded with ``seed``.
 
+    ``shapes``: (out, in) per layer, or (out, in, r_layer) where a layer has its own rank; A then has
+    max r_layer rows and the B stack max n_layer * r_layer rows, and each layer slices its corner (with
+    one rank everywhere this is the same draw as without per-layer ranks).
     For ``very_sparse`` the sparsity defaults to s = sqrt(m_max) (the paper's "sqrt(D)" row,
     e.g. sqrt(768) for ViT-B: 93 % zeros); ``sparse`` defaults to s = 6 (66 % zeros).
     """
-    m_max = max(min(o, i) for o, i in shapes)
-    big_max = max(max(o, i) for o, i in shapes)
-    n_max = max(num_bases(o, i, r) for o, i in shapes)
+    layers = [(s[0], s[1], s[2] if len(s) > 2 else r) for s in shapes]
+    m_max = max(min(o, i) for o, i, _ in layers)
+    big_max = max(max(o, i) for o, i, _ in layers)
+    rows = max(num_bases(o, i, rl) * rl for o, i, rl in layers)
+    r_max = max(rl for _, _, rl in layers)
     if distribution == "very_sparse" and sparsity is None:
         sparsity = math.sqrt(m_max)
     if distribution == "sparse" and sparsity is None:
         sparsity = 6.0
     g = torch.Generator().manual_seed(int(seed))
-    b = draw_basis((n_max * r, big_max), g, distribution, sparsity)
-    a = draw_basis((r, m_max), g, distribution, sparsity)
+    b = draw_basis((rows, big_max), g, distribution, sparsity)
+    a = draw_basis((r_max, m_max), g, distribution, sparsity)
     if distribution in ("sparse", "very_sparse"):
         # The shared A has only r rows: a column of A that is all zero (probability (1 - 2/s)^r, 64 % at
         # r = 6, s = sqrt(768)) zeroes that whole line of every dW and caps the rank below min(D, d).
@@ -126,7 +131,7 @@ def make_randlora_bases(shapes: list[tuple[int, int]], r: int, seed: int, distri
                 if not dead.any():
                     break
                 t[:, dead] = draw_basis((t.shape[0], int(dead.sum())), g, distribution, sparsity)
-    spec = {"method": "randlora", "seed": int(seed), "A": [r, m_max], "B": [n_max * r, big_max],
+    spec = {"method": "randlora", "seed": int(seed), "A": [r_max, m_max], "B": [rows, big_max],
             "distribution": distribution, "sparsity": sparsity, "dtype": dtype}
     # drawn in float32 from the same generator whatever the storage: 16-bit bases are the float32
     # ones rounded once, so every run with this seed and dtype has the same bases
@@ -291,7 +296,7 @@ class RandLoRAUpdate(Update):
     def _slices(self, dtype=None, b_dtype=None):
         """Views of this layer's corner of the shared bases. ``b_dtype``: the B stack in the GEMM
         dtype, from the bases' cast cache (one bf16 copy per model, not a cast per call)."""
-        a = self.bases.corner("A", dtype, None, self.m)
+        a = self.bases.corner("A", dtype, self.r, self.m)
         b = self.bases.corner("B", b_dtype or dtype, self.n * self.r, self.big)
         return a, b
 
@@ -338,5 +343,7 @@ class RandLoRAUpdate(Update):
 
 
 METHOD = Method("randlora", RandLoRAOptions, RandLoRAUpdate,
-                make_bases=lambda shapes, opts: make_randlora_bases(shapes, opts.r, opts.seed, opts.distribution,
-                                                                    opts.sparsity, opts.bases_dtype))
+                make_bases=lambda layers, opts: make_randlora_bases([(o, i, lo.r) for o, i, lo in layers], opts.r,
+                                                                    opts.seed, opts.distribution, opts.sparsity,
+                                                                    opts.bases_dtype),
+                per_layer=("r", "alpha"))

@@ -54,7 +54,7 @@ def jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta))
 
 
-COMPARED = ("method", "options", "targets", "trainable_names")
+COMPARED = ("method", "options", "targets", "trainable_names", "layer_options")
 
 
 def diff_meta(expected: dict, got: dict) -> list[str]:
@@ -74,6 +74,9 @@ def diff_meta(expected: dict, got: dict) -> list[str]:
                 miss = sorted(set(sb) - set(sa))[:3]
                 shape = [f"{k}: model {sa[k]} vs file {sb[k]}" for k in sb if k in sa and sa[k] != sb[k]][:3]
                 diffs.append(f"targets differ (missing in model: {miss}; shape mismatches: {shape})")
+        elif key == "layer_options":
+            if (a or {}) != (b or {}):  # files from before per-layer options have none
+                diffs.append(f"layer_options: model has {a or {}!r}, file has {b or {}!r}")
         elif a != b:
             diffs.append(f"{key}: model has {a!r}, file has {b!r}")
     return diffs
@@ -128,7 +131,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
         inject(model, meta["method"],
                target_modules=exact_names(x[0] for x in meta["targets"]) if meta["targets"] else meta["target_modules"],
                trainable_modules=exact_names(meta["trainable_names"]) if meta["trainable_names"] else None,
-               save_bases=meta["save_bases"], **opts)
+               save_bases=meta["save_bases"], layer_options=meta.get("layer_options") or None, **opts)
         getattr(model, META_ATTR)["target_modules"] = meta["target_modules"]
         getattr(model, META_ATTR)["trainable_modules"] = meta["trainable_modules"]
     with torch.no_grad():
@@ -161,8 +164,9 @@ def _expected_shapes(model: nn.Module, meta: dict) -> dict:
     out = {}
     spec = get_method(method)
     typed = spec.options(**opts)
+    per_layer = meta.get("layer_options") or {}
     for name, _, o, i in meta["targets"]:
-        for pname, shape in spec.state_shapes(o, i, typed).items():
+        for pname, shape in spec.state_shapes(o, i, spec.for_layer(typed, per_layer.get(name))).items():
             out[f"{name}.{pname}"] = tuple(shape)
     for tname in meta["trainable_names"]:
         try:

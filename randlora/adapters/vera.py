@@ -84,5 +84,5 @@ class VeRAUpdate(Update):
 
 
 METHOD = Method("vera", VeRAOptions, VeRAUpdate,
-                make_bases=lambda shapes, opts: make_vera_bases(shapes, opts.r, opts.seed),
+                make_bases=lambda layers, opts: make_vera_bases([(o, i) for o, i, _ in layers], opts.r, opts.seed),
                 rank_limited=False, knob_max=8192)
