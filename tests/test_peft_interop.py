@@ -233,7 +233,14 @@ def _peft_configs(kind):
     }
 
 
-PEFT_KEYS = list(_peft_configs("seq"))
+def test_every_peft_config_is_exercised():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list(_peft_configs("seq")) == PEFT_KEYS
+
+
+PEFT_KEYS = ["lora", "lora_rslora", "dora", "vera", "vera_no_projection", "randlora", "randlora_sparse",
+             "randlora_very_sparse"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -318,10 +325,37 @@ def test_export_refuses_full_fine_tuning_and_plain_models(tmp_path):
     _refused_export(seq_model(), tmp_path / "b", "has no adapter")
 
 
-@pytest.mark.parametrize("method", ["lora", "vera", "randlora"])
-def test_export_refuses_multihead_attention_in_proj(method, tiny, tmp_path):
+@pytest.mark.parametrize("method", ["dora", "vera", "randlora"])
+def test_export_refuses_multihead_attention_in_proj_but_for_lora(method, tiny, tmp_path):
     model = inject(tiny, method, target_modules=["attn", "up"], r=2)
-    _refused_export(model, tmp_path / "out", "in_proj_weight.*to_lora")
+    _refused_export(model, tmp_path / "out", "in_proj_weight.*LoRA only.*to_lora")
+
+
+def _tiny():
+    from conftest import TinyNet
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def test_lora_on_multihead_attention_goes_to_peft_and_back(tmp_path):
+    """PEFT's LoRA on nn.MultiheadAttention adapts in_proj and out_proj: out_proj is written with B = 0."""
+    torch.manual_seed(1)
+    model = inject(_tiny(), "lora", target_modules=["attn", "up"], r=3, layer_options={"attn": {"r": 2}})
+    x = torch.randn(2, 5, 12)
+    train(model, lambda m, v: m(v), x)
+    model.eval()
+    export_peft(model, tmp_path / "a")
+    with torch.no_grad():
+        pm = peft.PeftModel.from_pretrained(_tiny(), str(tmp_path / "a")).eval()
+        torch.testing.assert_close(pm(x), model(x), **TOL)
+        back = import_peft(_tiny(), tmp_path / "a")
+        torch.testing.assert_close(back(x), model(x), **TOL)
+    state_equal(model, back)
+    # a PEFT-trained LoRA there has trained out_proj too, which nn.MultiheadAttention reads directly: refused
+    pm = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, target_modules=["attn", "up"]))
+    train(pm, lambda m, v: m(v), x)
+    pm.save_pretrained(str(tmp_path / "b"))
+    _refused_import(tmp_path / "b", "also trained its out_proj", model=_tiny())
 
 
 def test_export_refuses_randlora_per_layer_ranks(tmp_path):

@@ -4,8 +4,8 @@
     import_peft(fresh_base, "dir/")   # a PEFT adapter folder -> the model adapted by our own methods
 
 Supported: LoRA, DoRA (PEFT ``use_dora``), VeRA and RandLoRA (any basis distribution: the bases travel
-in PEFT's projection keys) on ``nn.Linear`` targets, with ``trainable_modules`` as PEFT's
-``modules_to_save``. The two libraries write the same updates in different conventions, so tensors are
+in PEFT's projection keys) on ``nn.Linear`` targets, LoRA also on ``nn.MultiheadAttention``, with
+``trainable_modules`` as PEFT's ``modules_to_save``. The two libraries write the same updates in different conventions, so tensors are
 translated, never copied blindly; every translation is listed in ``docs/peft-interop.md`` with the PEFT
 version it was checked against (``PEFT_VERSION``). What PEFT cannot express is refused before anything
 is written or any module is touched.
@@ -112,11 +112,23 @@ def _check_exportable(model: nn.Module) -> dict:
         raise _err(f"export_peft: PEFT {PEFT_VERSION} has no method that computes {method!r}'s update "
                    f"(supported: {sorted(PEFT_TYPES)}); {ALTERNATIVES}")
     fused = [name for name, layer in adapted_layers(model) if isinstance(layer, AdaptedParameter)]
-    if fused:
+    if fused and method != "lora":
         raise _err(f"export_peft: {fused[:3]} are fused 2-D parameters (nn.MultiheadAttention.in_proj_weight); "
-                   f"PEFT {PEFT_VERSION} adapts such targets only with LoRA's target_parameters, which this "
-                   f"exporter does not write, and never with {method}; {ALTERNATIVES}")
+                   f"PEFT {PEFT_VERSION} adapts nn.MultiheadAttention with LoRA only, never with {method}; "
+                   f"{ALTERNATIVES}")
+    odd = [name for name, layer in adapted_layers(model) if isinstance(layer, AdaptedParameter)
+           and not _peft_mha(layer.base_layer)]
+    if odd:
+        raise _err(f"export_peft: {odd[:3]} adapt a fused in_proj_weight of a module PEFT cannot wrap (PEFT's LoRA "
+                   f"takes an nn.MultiheadAttention with one embedding size for q, k, v and a Linear out_proj); "
+                   f"{ALTERNATIVES}")
     return meta
+
+
+def _peft_mha(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention that PEFT's LoRA wraps (its ``lora.MultiheadAttention``)."""
+    return (isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+            and isinstance(module.out_proj, nn.Linear))
 
 
 def _target_modules_entry(targets: list[str], names: list[str]):
@@ -180,6 +192,17 @@ def _lora_plan(model, meta, names, targets):
         if meta["method"] == "dora":
             # PEFT's magnitude is ours: m with W' = m * (W0 + s B A) / ||W0 + s B A||_row
             tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = u.magnitude.detach()
+        if isinstance(layers[n], AdaptedParameter):
+            # PEFT's LoRA on an nn.MultiheadAttention adapts in_proj (these tensors) AND out_proj; ours adapts
+            # in_proj only, so out_proj gets a LoRA with B = 0 (dW = 0 exactly) and A as PEFT initialises it
+            # (Kaiming-uniform, a = sqrt(5); from a fixed generator, so the file is reproducible): further training
+            # in PEFT starts that LoRA as PEFT would
+            e = layers[n].base_layer.out_proj
+            g = torch.Generator().manual_seed(0)
+            bound = 1.0 / math.sqrt(e.in_features)  # kaiming_uniform_(a=sqrt(5)) on fan_in = in_features
+            a = (torch.rand(u.r, e.in_features, generator=g) * 2 - 1) * bound
+            tensors[f"{PREFIX}{n}.base_layer.out_proj.lora_A.weight"] = a
+            tensors[f"{PREFIX}{n}.base_layer.out_proj.lora_B.weight"] = torch.zeros(e.out_features, u.r)
     return config, tensors, {}
 
 
@@ -479,12 +502,7 @@ def _vera_regenerated(config: dict, out_max: int, in_max: int):
     return a, b
 
 
-def _shape_of(model, name):
-    mod = model.get_submodule(name)
-    return mod.out_features, mod.in_features
-
-
-def _lora_import(config, layers, model, names):
+def _lora_import(config, layers, shapes, names):
     ptype_dora = bool(config.get("use_dora"))
     r0, a0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rs = bool(config.get("use_rslora"))
@@ -496,7 +514,7 @@ def _lora_import(config, layers, model, names):
             raise _err(f"import_peft: layer {n} has tensors {sorted(got)}, expected {sorted(need)} for "
                        f"{'DoRA' if ptype_dora else 'LoRA'} (use_dora={ptype_dora})")
         a, b = got["lora_A.weight"], got["lora_B.weight"]
-        o, i = _shape_of(model, n)
+        o, i = shapes[n]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != i or b.shape[0] != o or a.shape[0] != b.shape[1]:
             raise _err(f"import_peft: layer {n} ({o} x {i}) has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                        "which do not fit it (saved from another model?)")
@@ -535,9 +553,8 @@ def _lora_import(config, layers, model, names):
     return ("dora" if ptype_dora else "lora"), opts, layer_options, tensors, None
 
 
-def _vera_import(config, layers, shared, model, names):
+def _vera_import(config, layers, shared, shapes, names):
     r = int(config["r"])
-    shapes = {n: _shape_of(model, n) for n in names}
     out_max, in_max = max(o for o, _ in shapes.values()), max(i for _, i in shapes.values())
     if config.get("save_projection", True):
         if set(shared) != {"vera_A", "vera_B"}:
@@ -563,7 +580,7 @@ def _vera_import(config, layers, shared, model, names):
     return "vera", opts, {}, tensors, {"A": a.float(), "B": b.float()}
 
 
-def _randlora_import(config, layers, shared, model, names):
+def _randlora_import(config, layers, shared, shapes, names):
     r = int(config["r"])
     if not config.get("save_projection", True):
         raise _err("import_peft: this RandLoRA adapter was saved without its projections (save_projection=False); "
@@ -572,7 +589,6 @@ def _randlora_import(config, layers, shared, model, names):
     if set(shared) != {"randlora_A", "randlora_B"}:
         raise _err("import_peft: the file lacks base_model.randlora_A / base_model.randlora_B")
     a_p, b_p = shared["randlora_A"].float(), shared["randlora_B"].float()
-    shapes = {n: _shape_of(model, n) for n in names}
     nb = {n: num_bases(o, i, r) for n, (o, i) in shapes.items()}
     out_max, in_max = max(o for o, _ in shapes.values()), max(i for _, i in shapes.values())
     max_dim, min_dim = max(out_max, in_max), min(out_max, in_max)
@@ -678,16 +694,29 @@ def import_peft(model: nn.Module, path) -> nn.Module:
     layers, shared, rest = _split(tensors, ptype)
     if not layers:
         raise _err(f"import_peft: {path} holds no {ptype} adapter tensors")
-    names = sorted(layers)
     modules = dict(model.named_modules())
+    for name in [n for n in layers if n.endswith(".base_layer.out_proj")]:
+        # PEFT's LoRA on an nn.MultiheadAttention also adapts its out_proj; our wrapper adapts in_proj only, so
+        # that part must be a zero update (as export_peft writes it)
+        mha = name[:-len(".base_layer.out_proj")]
+        if not isinstance(modules.get(mha), nn.MultiheadAttention) or mha not in layers:
+            continue
+        b = layers[name].get("lora_B.weight")
+        if b is None or set(layers[name]) != {"lora_A.weight", "lora_B.weight"} or bool(b.any()):
+            raise _err(f"import_peft: PEFT's LoRA on the nn.MultiheadAttention {mha!r} also trained its out_proj, "
+                       "which nn.MultiheadAttention reads directly and our adapters cannot reach; merge the adapter "
+                       "in PEFT (merge_and_unload) and load the merged model instead")
+        del layers[name]
+    names = sorted(layers)
     missing = [n for n in names if n not in modules]
     if missing:
         raise _err(f"import_peft: the adapter adapts layers this model does not have ({missing[:3]}); was it "
                    "trained on another architecture?")
     targets = find_targets(model, exact_names(names))  # refuses layers we cannot adapt, with the reason
-    plain = [t.name for t in targets if t.kind != "linear"]
+    plain = [t.name for t in targets if t.kind != "linear" and not (ptype == "LORA" and _peft_mha(modules[t.name]))]
     if plain:
         raise _err(f"import_peft: layers {plain[:3]} are not nn.Linear; PEFT adapters on them are not supported")
+    shapes = {t.name: (t.out_features, t.in_features) for t in targets}
     # modules_to_save: the rest of the tensors, which must be whole modules of the model
     mts = list(config.get("modules_to_save") or [])
     all_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
@@ -708,11 +737,11 @@ def import_peft(model: nn.Module, path) -> nn.Module:
     if wrong:
         raise _err(f"import_peft: modules_to_save tensors {wrong[:3]} do not fit this model's shapes")
     if ptype == "LORA":
-        plan = _lora_import(config, layers, model, names)
+        plan = _lora_import(config, layers, shapes, names)
     elif ptype == "VERA":
-        plan = _vera_import(config, layers, shared, model, names)
+        plan = _vera_import(config, layers, shared, shapes, names)
     else:
-        plan = _randlora_import(config, layers, shared, model, names)
+        plan = _randlora_import(config, layers, shared, shapes, names)
     record = _restore_ours(header, plan, targets) if header is not None else None
     method, opts, layer_options, ours, bases = record or plan
     opts = resolve_options(method, opts)
