@@ -6,6 +6,7 @@ ours -> export_peft -> PeftModel.from_pretrained, PEFT get_peft_model -> save_pr
 ours -> PEFT -> ours. Outputs are compared at float32 tolerance: |a - b| <= 1e-5 + 1e-5 |b| (the two libraries
 order their float32 sums differently; measured differences are ~1e-7 on outputs of size ~1).
 """
+import dataclasses
 import json
 import math
 import subprocess
@@ -122,7 +123,7 @@ def test_export_loads_in_peft_and_back(kind, key, tmp_path):
     model, x, fwd = ours(kind, key)
     model.eval()
     want = fwd(model, x).detach()
-    export_peft(model, tmp_path / "a")
+    export_peft(model, tmp_path / "a", task_type="CAUSAL_LM" if kind == "llama" else None)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"lora": "LORA", "dora": "LORA", "vera": "VERA"}.get(OURS[key][0], "RANDLORA")
     with torch.no_grad():
@@ -219,7 +220,8 @@ def _peft_configs(kind):
     _, _, _, targets, head, named = KINDS[kind]
     tail = named[1].split(".")[-1] if kind != "seq" else "2"
     mts = [head] if head else None
-    return {
+    task = "CAUSAL_LM" if kind == "llama" else None  # PeftModelForCausalLM: the same file layout
+    return {k: dataclasses.replace(c, task_type=task) for k, c in {
         "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={tail: 2},
                                 alpha_pattern={tail: 5}, modules_to_save=mts),
         "lora_rslora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=True,
@@ -230,7 +232,7 @@ def _peft_configs(kind):
         "randlora": peft.RandLoraConfig(r=4, randlora_alpha=16, target_modules=targets, modules_to_save=mts),
         "randlora_sparse": peft.RandLoraConfig(r=8, randlora_alpha=32, target_modules=targets, sparse=True),
         "randlora_very_sparse": peft.RandLoraConfig(r=6, randlora_alpha=24, target_modules=targets, very_sparse=True),
-    }
+    }.items()}
 
 
 def test_every_peft_config_is_exercised():
@@ -258,6 +260,7 @@ def test_peft_trained_adapter_imports_with_equal_outputs(kind, key, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(tmp_path))
+    assert type(pm).__name__ == ("PeftModelForCausalLM" if kind == "llama" else "PeftModel")
     with torch.no_grad():
         want = fwd(pm, x)
         model = import_peft(build(), tmp_path)

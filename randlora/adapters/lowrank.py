@@ -103,7 +103,8 @@ def _check_request(rank, energy, layer_ranks, names):
     if bad:
         raise _err(f"to_lora: layer_ranks values must be positive integers, got {bad}")
     if rank is None and energy is None and set(layer_ranks) != set(names):
-        raise _err(f"to_lora: layer_ranks alone must name every adapted layer; missing {sorted(set(names) - set(layer_ranks))[:5]}")
+        missing = sorted(set(names) - set(layer_ranks))[:5]
+        raise _err(f"to_lora: layer_ranks alone must name every adapted layer; missing {missing}")
     return layer_ranks
 
 
@@ -150,7 +151,8 @@ def to_lora(model: nn.Module, rank: int | None = None, *, energy: float | None =
     ks = {row.name: row.rank for row in report}
     r0 = Counter(ks.values()).most_common(1)[0][0]
     trainable = meta.get("trainable_names") or []
-    inject(work, "lora", target_modules=exact_names(names), trainable_modules=exact_names(trainable) if trainable else None,
+    inject(work, "lora", target_modules=exact_names(names),
+           trainable_modules=exact_names(trainable) if trainable else None,
            layer_options={n: {"r": k, "alpha": float(k)} for n, k in ks.items() if k != r0} or None,
            r=r0, alpha=float(r0), dropout=float(meta["options"].get("dropout", 0.0)))
     for name, layer in adapted_layers(work):

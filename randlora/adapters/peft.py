@@ -5,13 +5,12 @@
 
 Supported: LoRA, DoRA (PEFT ``use_dora``), VeRA and RandLoRA (any basis distribution: the bases travel
 in PEFT's projection keys) on ``nn.Linear`` targets, LoRA also on ``nn.MultiheadAttention``, with
-``trainable_modules`` as PEFT's ``modules_to_save``. The two libraries write the same updates in different conventions, so tensors are
-translated, never copied blindly; every translation is listed in ``docs/peft-interop.md`` with the PEFT
-version it was checked against (``PEFT_VERSION``). What PEFT cannot express is refused before anything
-is written or any module is touched.
+``trainable_modules`` as PEFT's ``modules_to_save``. The two libraries write the same updates in
+different conventions, so tensors are translated, never copied blindly; every translation is listed in
+``docs/peft-interop.md`` with the PEFT version it was checked against (``PEFT_VERSION``). What PEFT
+cannot express is refused before anything is written or any module is touched.
 
-Writing needs no ``peft`` install (the format is plain JSON + safetensors); reading checks only the
-files, and imports nothing from ``peft`` either.
+Neither direction imports ``peft``: the format is plain JSON + safetensors.
 """
 from __future__ import annotations
 
@@ -464,7 +463,8 @@ def _check_config(config: dict) -> str:
         raise _err(f"import_peft: init_lora_weights={init!r} rewrites the base weights at initialisation, so this "
                    f"adapter reproduces the trained model only on that rewritten base; convert it to a plain LoRA "
                    f"with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    odd = sorted(k for k, v in config.items() if k not in _IGNORED | _READ[ptype] and v not in (None, False, {}, [], ""))
+    known = _IGNORED | _READ[ptype]
+    odd = sorted(k for k, v in config.items() if k not in known and v not in (None, False, {}, [], ""))
     if odd:
         raise _err(f"import_peft: option(s) {[(k, config[k]) for k in odd]} of this {ptype} config are not "
                    f"understood by this importer (checked against peft {PEFT_VERSION}); only adapters without them "
@@ -599,7 +599,8 @@ def _randlora_import(config, layers, shared, shapes, names):
     for n in names:  # per-layer copies (PEFT 0.21.2 writes them) must be the shared tensors
         for k, ref in (("randlora_A", a_p), ("randlora_B", b_p)):
             if k in layers[n] and not torch.equal(layers[n][k].float(), ref):
-                raise _err(f"import_peft: layer {n}'s copy of {k} differs from base_model.{k}; the file is inconsistent")
+                raise _err(f"import_peft: layer {n}'s copy of {k} differs from base_model.{k}; the file is "
+                           "inconsistent")
     orders = {}
     for n in names:
         orders.setdefault(nb[n], _randlora_order(nb[n], r))
