@@ -9,20 +9,26 @@ Layout: ``layers.py`` (the ``Update`` interface and the two wrappers), ``bases.p
 bases), one file per method (``lora.py``, ``dora.py``, ``vera.py``, ``randlora.py``, ``dora_dr.py``,
 ``nola.py``: options class, update, bases), ``registry.py`` (the list of methods), ``targets.py``
 (which layers), ``inject.py`` (inject / merge / inspect), ``counting.py`` (counts, budgets),
-``state.py`` (state dicts and files).
+``state.py`` (state dicts and files), ``peft.py`` (``export_peft`` / ``import_peft``: the Hugging Face
+PEFT adapter format, conventions translated), ``lowrank.py`` (``to_lora``: any update as a rank-k LoRA by
+truncated SVD, with the error per layer).
 """
 from .counting import (count_total, count_trainable, format_parameter_table, lora_equivalent_rank, match_budget,
                        parameter_table)
 from .inject import (adapted_layers, adapter_meta, check_rank, compute_paths, format_paths, inject, is_adapted,
                      merge, shared_bases, unmerge)
+from .lowrank import (LayerTruncation, delta_spectra, format_truncation, overall_error, rank_for_energy, to_lora,
+                      truncation)
+from .peft import PEFT_VERSION, export_peft, import_peft, peft_state
 from .randlora import num_bases
 from .registry import DEFAULTS, FUNCTION_OPTIONS, METHODS, REGISTRY, get_method, resolve_options
 from .state import adapter_state_dict, diff_meta, load_adapter, load_adapter_state_dict, save_adapter
 from .targets import adaptable_modules, clean_name, find_targets
 
-__all__ = ["DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "REGISTRY", "adaptable_modules", "adapted_layers",
-           "adapter_meta", "adapter_state_dict", "check_rank", "clean_name", "compute_paths", "count_total",
-           "count_trainable", "diff_meta", "find_targets", "format_parameter_table", "format_paths", "get_method",
+__all__ = ["DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "PEFT_VERSION", "REGISTRY", "LayerTruncation",
+           "adaptable_modules", "adapted_layers", "adapter_meta", "adapter_state_dict", "check_rank", "clean_name",
+           "compute_paths", "count_total", "count_trainable", "delta_spectra", "diff_meta", "export_peft",
+           "find_targets", "format_parameter_table", "format_paths", "format_truncation", "get_method", "import_peft",
            "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",
-           "match_budget", "merge", "num_bases", "parameter_table", "resolve_options", "save_adapter",
-           "shared_bases", "unmerge"]
+           "match_budget", "merge", "num_bases", "overall_error", "parameter_table", "peft_state", "rank_for_energy",
+           "resolve_options", "save_adapter", "shared_bases", "to_lora", "truncation", "unmerge"]
