@@ -270,25 +270,32 @@ def test_randlora_update_is_full_rank_after_two_steps_lora_is_not(batch):
 
 
 def _reference_delta(upd):
-    """dW = s * sum_j B_j diag(lambda_j) A diag(gamma_j), written as a plain loop over bases."""
+    """dW = s * sum_j B_j diag(lambda_j) A diag(gamma_j), written as a plain loop over bases. Column k of B_j is
+    row k*n + j of the shared B stack and lambda_j = lambda_[:, j] (rank-major, PEFT's pairing), or row j*r + k
+    and lambda_[j] (the basis-major layout of adapters from before)."""
     a_all, b_all = upd.bases.A, upd.bases.B
-    r, m, big = upd.r, upd.m, upd.big
+    r, n, m, big = upd.r, upd.n, upd.m, upd.big
     dw = torch.zeros(big, m, dtype=upd.lambda_.dtype)
-    for j in range(upd.n):
-        bj = b_all[j * r:(j + 1) * r, :big].t().to(dw.dtype)   # (M, r)
-        dw = dw + bj @ torch.diag(upd.lambda_[j]) @ a_all[:, :m].to(dw.dtype) @ torch.diag(upd.gamma[j])
+    for j in range(n):
+        rows = [k * n + j for k in range(r)] if upd.rank_major else [j * r + k for k in range(r)]
+        bj = b_all[rows, :big].t().to(dw.dtype)   # (M, r)
+        lam_j = upd.lambda_[:, j] if upd.rank_major else upd.lambda_[j]
+        dw = dw + bj @ torch.diag(lam_j) @ a_all[:r, :m].to(dw.dtype) @ torch.diag(upd.gamma[j])
     dw = dw * upd.scaling
     return dw if upd.in_small else dw.t()
 
 
 @pytest.mark.parametrize("shape", [(20, 12), (12, 20), (12, 12)])
 @pytest.mark.parametrize("path", ["factorised", "merged"])
-def test_randlora_custom_backward_matches_autograd_float64(shape, path):
+@pytest.mark.parametrize("layout", ["rank_major", "basis_major"])
+def test_randlora_custom_backward_matches_autograd_float64(shape, path, layout):
     out_f, in_f = shape
     torch.manual_seed(0)
     lin = nn.Linear(in_f, out_f).double()
-    model = inject(nn.Sequential(lin), "randlora", target_modules=["0"], r=3, path=path, init="vision")
+    model = inject(nn.Sequential(lin), "randlora", target_modules=["0"], r=3, path=path, init="vision", layout=layout)
     layer = model[0]
+    n = -(-min(shape) // 3)
+    assert layer.update.lambda_.shape == ((3, n) if layout == "rank_major" else (n, 3))
     with torch.no_grad():
         layer.update.lambda_.normal_()
         layer.update.gamma.normal_()
@@ -973,8 +980,8 @@ def test_layer_options_set_a_rank_and_scaling_per_layer(batch):
     assert layers["up"].update.scaling == 8 / 2 and layers["sq"].update.scaling == 8 / 4
     assert layers["attn"].update.scaling == 3.0 / 6
     rl = build("randlora_layer_ranks")
-    assert dict(adapted_layers(rl))["up"].update.lambda_.shape == (4, 3)  # n = ceil(12 / 3) bases of rank 3
-    assert dict(adapted_layers(rl))["sq"].update.lambda_.shape == (2, 6)
+    assert dict(adapted_layers(rl))["up"].update.lambda_.shape == (3, 4)  # rank 3, n = ceil(12 / 3) bases
+    assert dict(adapted_layers(rl))["sq"].update.lambda_.shape == (6, 2)
 
 
 def test_one_rank_everywhere_draws_the_same_bases_with_or_without_per_layer_ranks():
@@ -1002,3 +1009,68 @@ def test_bad_layer_options_are_refused_before_the_model_changes(method, extra, l
     assert not is_adapted(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(type(m) in (nn.MultiheadAttention, nn.Linear, TinyNet, nn.modules.linear.NonDynamicallyQuantizableLinear)
                for m in model.modules())
+
+
+# ------------------------------------------------------------------ RandLoRA adapters from before the rank-major layout
+LEGACY = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def _legacy_base():
+    """The fixture's base model (its integer weights) and the tensors the old library computed."""
+    from safetensors.torch import load_file
+    want = load_file(str(LEGACY / "legacy_randlora_expected.safetensors"))
+    base = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    base.load_state_dict({k[len("base."):]: v for k, v in want.items() if k.startswith("base.")})
+    return base, want
+
+
+def _legacy_model():
+    base, want = _legacy_base()
+    return load_adapter(base, LEGACY / "legacy_randlora.safetensors"), want
+
+
+def test_randlora_file_from_before_the_layout_option_computes_what_it_computed():
+    """tests/fixtures/legacy_randlora.safetensors was written by the library at a1f8901 (lambda (n, r), basis-major
+    pairing, no ``layout`` in the record; see tests/fixtures/make_legacy_randlora.py), with what that library computed
+    from it. Exact dyadic numbers in float64: outputs, dW and every gradient must be equal bit for bit, on both paths."""
+    model, want = _legacy_model()
+    assert adapter_meta(model)["options"]["layout"] == "basis_major"
+    layers = adapted_layers(model)
+    assert [tuple(layer.update.lambda_.shape) for _, layer in layers] == [(3, 2), (3, 2), (2, 2)]  # (n, r)
+    for name, layer in layers:
+        assert torch.equal(layer.update.delta_weight().detach(), want[f"dw.{name}"]), name
+    for path in ("factorised", "merged"):
+        for _, layer in layers:
+            layer.update.path = path
+        x = want["x"].clone().requires_grad_()
+        y = model(x)
+        assert all(layer.update.last_path == path for _, layer in layers)
+        params = [p for _, layer in layers for p in (layer.update.lambda_, layer.update.gamma)]
+        grads = torch.autograd.grad(y, [x, *params], want["gy"])
+        assert torch.equal(y, want[f"{path}.y"]) and torch.equal(grads[0], want[f"{path}.gx"]), path
+        for (name, _), gl, gg in zip(layers, grads[1::2], grads[2::2]):
+            assert torch.equal(gl, want[f"{path}.g_lambda.{name}"]), (path, name)
+            assert torch.equal(gg, want[f"{path}.g_gamma.{name}"]), (path, name)
+    # the same seed still draws the same bases (the file carries its own, overwritten ones)
+    fresh = inject(nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 4)),
+                   "randlora", target_modules=["0", "2", "4"], r=2, seed=5)
+    assert torch.equal(shared_bases(fresh).A, want["drawn_A"]) and torch.equal(shared_bases(fresh).B, want["drawn_B"])
+
+
+def test_legacy_randlora_layout_is_kept_on_save_and_refused_against_a_new_adapter(tmp_path):
+    model, want = _legacy_model()
+    save_adapter(model, tmp_path / "again.safetensors")  # now with layout recorded explicitly
+    again = load_adapter(_legacy_base()[0], tmp_path / "again.safetensors")
+    assert adapter_meta(again)["options"]["layout"] == "basis_major"
+    with torch.no_grad():
+        assert torch.equal(again(want["x"]), model(want["x"]))
+    # an adapter of the new layout is another adapter: the file (and a checkpoint's record) is refused against it
+    new = inject(_legacy_base()[0], "randlora", target_modules=["0", "2", "4"], r=2, alpha=2.0, seed=5, save_bases=True)
+    with pytest.raises(ValueError, match="options.layout: model has 'rank_major', file has 'basis_major'"):
+        load_adapter(new, LEGACY / "legacy_randlora.safetensors")
+    assert "layout" in REGISTRY["randlora"].options.function_names()  # so a resume from such a checkpoint is refused
+
+
+def test_randlora_layout_option_is_checked():
+    with pytest.raises(ValueError, match="unknown RandLoRA layout 'row_major'"):
+        inject(TinyNet(), "randlora", target_modules=["up"], r=2, layout="row_major")

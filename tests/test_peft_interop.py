@@ -1,7 +1,8 @@
 """Interop with Hugging Face PEFT (the installed release, checked against 0.21.2) and the low-rank conversion.
 
 Every method (LoRA, DoRA, VeRA, RandLoRA dense / sparse / very sparse) on three model kinds built with random
-weights (a plain nn.Sequential, a timm ViT, a transformers LLaMA):
+weights (a plain nn.Sequential, a timm ViT, a transformers LLaMA), and RandLoRA also on a LLaMA with grouped-query
+attention (layers with different numbers of bases):
 ours -> export_peft -> PeftModel.from_pretrained, PEFT get_peft_model -> save_pretrained -> import_peft, and
 ours -> PEFT -> ours. Outputs are compared at float32 tolerance: |a - b| <= 1e-5 + 1e-5 |b| (the two libraries
 order their float32 sums differently; measured differences are ~1e-7 on outputs of size ~1).
@@ -30,7 +31,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 def seq_model():
     torch.manual_seed(0)
-    # every target has min(out, in) = 16, so RandLoRA's layers share one number of bases (see the refusal test)
+    # every target has min(out, in) = 16: one number of bases (llama_gqa mixes two)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(),
                          nn.Linear(24, 5))
 
@@ -58,7 +59,13 @@ KINDS = {
     "llama": (llama_model, lambda: torch.randint(0, 64, (2, 8)), lambda m, x: m(input_ids=x).logits,
               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None,
               ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]),
+    # grouped-query attention (2 key/value heads of 4): k_proj / v_proj are 16 x 32, q_proj 32 x 32, up_proj 64 x 32,
+    # down_proj 32 x 64, so RandLoRA's k / v layers have half the bases of the others (n = 16 / r vs 32 / r)
+    "llama_gqa": (lambda: llama_model(kv_heads=2), lambda: torch.randint(0, 64, (2, 8)),
+                  lambda m, x: m(input_ids=x).logits, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], None,
+                  ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]),
 }
+MATRIX_KINDS = ["seq", "vit", "llama"]  # every method on each; llama_gqa: the RandLoRA cases below
 
 # our side: method, options, per-layer options for the two named targets (None: that layer keeps the default)
 OURS = {
@@ -117,10 +124,19 @@ def state_equal(a, b, exact=True):
 
 # ---------------------------------------------------------------------------------------------- ours -> PEFT
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("key", list(OURS))
+RANDLORA_KEYS = [k for k in OURS if OURS[k][0] == "randlora"]
+MIXED_N = [("llama_gqa", k) for k in RANDLORA_KEYS]
+
+
+def _mixed_n(model):
+    """Two numbers of bases among the adapted layers (the case PEFT's pairing decides)."""
+    return len({getattr(layer.update, "n", None) for _, layer in adapted_layers(model)}) == 2
+
+
+@pytest.mark.parametrize("kind,key", [(kind, key) for key in OURS for kind in MATRIX_KINDS] + MIXED_N)
 def test_export_loads_in_peft_and_back(kind, key, tmp_path):
     model, x, fwd = ours(kind, key)
+    assert _mixed_n(model) == (kind == "llama_gqa")
     model.eval()
     want = fwd(model, x).detach()
     export_peft(model, tmp_path / "a", task_type="CAUSAL_LM" if kind == "llama" else None)
@@ -131,7 +147,8 @@ def test_export_loads_in_peft_and_back(kind, key, tmp_path):
         # ... and back: the same adapter, options and tensors (bit for bit unless a factor was folded in)
         back = import_peft(KINDS[kind][0](), tmp_path / "a")
         torch.testing.assert_close(fwd(back.eval(), x), want, **TOL)
-    state_equal(model, back, exact=key != "randlora_very_sparse")
+    # bit for bit unless a layer's scaling ratio rode in its lambda: its own alpha, or 1/sqrt(n) for two n
+    state_equal(model, back, exact=key != "randlora_very_sparse" and not (kind == "llama_gqa" and key != "randlora"))
 
 
 def test_export_records_per_layer_ranks_and_alphas_as_peft_patterns(tmp_path):
@@ -245,8 +262,7 @@ PEFT_KEYS = ["lora", "lora_rslora", "dora", "vera", "vera_no_projection", "randl
              "randlora_very_sparse"]
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("key", PEFT_KEYS)
+@pytest.mark.parametrize("kind,key", [(kind, key) for key in PEFT_KEYS for kind in MATRIX_KINDS] + MIXED_N)
 def test_peft_trained_adapter_imports_with_equal_outputs(kind, key, tmp_path):
     build, make_x, fwd, *_ = KINDS[kind]
     torch.manual_seed(1)
@@ -267,6 +283,7 @@ def test_peft_trained_adapter_imports_with_equal_outputs(kind, key, tmp_path):
         torch.testing.assert_close(fwd(model.eval(), x), want, **TOL)
     meta = adapter_meta(model)
     assert meta["method"] == {"lora": "lora", "lora_rslora": "lora", "dora": "dora"}.get(key, key.split("_")[0])
+    assert _mixed_n(model) == (kind == "llama_gqa")
     if key == "lora" and kind != "llama":
         assert meta["trainable_names"] == [KINDS[kind][4]]
 
@@ -366,12 +383,31 @@ def test_export_refuses_randlora_per_layer_ranks(tmp_path):
     _refused_export(model, tmp_path / "out", "one rank for every layer.*to_lora")
 
 
-def test_export_refuses_randlora_layers_with_different_numbers_of_bases(tmp_path):
-    """GQA: k_proj / v_proj are 16 x 32 (n = 4 at r = 4), q_proj 32 x 32 (n = 8)."""
-    model = inject(llama_model(kv_heads=2), "randlora", target_modules=["q_proj", "k_proj"], r=4)
-    _refused_export(model, tmp_path / "out", "different numbers of bases")
+def test_basis_major_randlora_exports_when_every_layer_has_one_n_and_imports_rank_major(tmp_path):
+    """An adapter of the layout from before PEFT's pairing was ours (layout="basis_major", what older files load as):
+    PEFT's B columns are our B-stack rows reordered and lambda is transposed; import gives the rank-major layout."""
+    torch.manual_seed(1)
+    model = inject(seq_model(), "randlora", target_modules=["0", "2", "4"], r=4, layout="basis_major")
+    x = torch.randn(4, 16)
+    train(model, lambda m, v: m(v), x)
+    model.eval()
+    export_peft(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_load("seq", tmp_path)(x), model(x), **TOL)
+        back = import_peft(seq_model(), tmp_path)
+        torch.testing.assert_close(back(x), model(x), **TOL)
+    assert adapter_meta(back)["options"]["layout"] == "rank_major"
+    for (name, old), (_, new) in zip(adapted_layers(model), adapted_layers(back)):
+        assert torch.equal(new.update.lambda_, old.update.lambda_.t()), name
+
+
+def test_export_refuses_basis_major_randlora_layers_with_different_numbers_of_bases(tmp_path):
+    """GQA: k_proj is 16 x 32 (n = 4 at r = 4), q_proj 32 x 32 (n = 8): PEFT's one B holds the rank-major pairing
+    for both, the basis-major one for neither."""
+    model = inject(llama_model(kv_heads=2), "randlora", target_modules=["q_proj", "k_proj"], r=4, layout="basis_major")
+    _refused_export(model, tmp_path / "out", "basis-major layout.*different numbers of bases.*Re-train.*to_lora")
     # r = 1 pairs every column with its own basis whatever n is: exportable, and exact
-    model = inject(llama_model(kv_heads=2), "randlora", target_modules=["q_proj", "k_proj"], r=1)
+    model = inject(llama_model(kv_heads=2), "randlora", target_modules=["q_proj", "k_proj"], r=1, layout="basis_major")
     x = torch.randint(0, 64, (2, 8))
     train(model, lambda m, v: m(input_ids=v).logits, x)
     export_peft(model, tmp_path / "r1")
@@ -448,12 +484,6 @@ def test_import_refuses_other_peft_types_and_unsaved_randlora_projections(tmp_pa
         pm = peft.get_peft_model(seq_model(), peft.RandLoraConfig(r=4, target_modules=["0"], save_projection=False))
         pm.save_pretrained(str(tmp_path / "rl"))
     _refused_import(tmp_path / "rl", "save_projection=False")
-
-
-def test_import_refuses_randlora_layers_with_different_numbers_of_bases(tmp_path):
-    pm = peft.get_peft_model(llama_model(kv_heads=2), peft.RandLoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
-    pm.save_pretrained(str(tmp_path))
-    _refused_import(tmp_path, "different numbers of bases", model=llama_model(kv_heads=2))
 
 
 def test_import_refuses_another_model_and_an_adapted_one(tmp_path):

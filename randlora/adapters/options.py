@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 # Options accepted by inject() for every method (not part of a method's options class).
 COMMON = ("target_modules", "trainable_modules", "save_bases")
@@ -45,6 +45,10 @@ class MethodOptions:
     r: int = function_option(8, "rank")
     alpha: float | None = function_option(None, "scaling alpha / r; None: the method's default")
     dropout: float = 0.0
+
+    # Options added after adapter records were first written whose default for new adapters computes something
+    # else than those records did: {option: the value a stored record without it means} (see ``stored``).
+    LEGACY: ClassVar[dict] = {}
 
     # the alpha an unset ``alpha`` resolves to (a function of the other options)
     def default_alpha(self) -> float:
@@ -82,6 +86,11 @@ class MethodOptions:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def stored(cls, options: dict) -> dict:
+        """A stored record's options with the ``LEGACY`` value of every option it predates filled in."""
+        return {**{k: v for k, v in cls.LEGACY.items() if k not in options}, **options}
 
 
 @dataclass(frozen=True)

@@ -226,11 +226,10 @@ def _vera_plan(model, meta, names, targets):
     return config, tensors, factors
 
 
-def _randlora_order(n: int, r: int) -> torch.Tensor:
-    """For a layer with n bases of rank r: the row q = j*r + k of our B stack that PEFT's flattened B column
-    c must hold. PEFT flattens its B (max_dim, n, r) basis-major (c = j'*r + k') but its scaled A
-    (r, n, m) rank-major (c = k*n + j), and pairs them column for column: column c meets A's row c // n,
-    lambda[c // n, c % n] and gamma[c % n]; ours pairs B row j*r + k with A's row k, lambda[j, k], gamma[j]."""
+def _legacy_order(n: int, r: int) -> torch.Tensor:
+    """For a ``layout="basis_major"`` adapter (trained before our pairing became PEFT's) with n bases of rank r:
+    the row of our B stack that PEFT's flattened B column c must hold. Column c meets rank row c // n and basis
+    c % n in PEFT (and in our rank-major layout); the basis-major layout pairs rank k, basis j with row j*r + k."""
     c = torch.arange(n * r)
     return (c % n) * r + c // n
 
@@ -244,21 +243,15 @@ def _randlora_plan(model, meta, names, targets):
                    f"RandLoRA has one rank for every layer (no rank_pattern); {ALTERNATIVES}")
     r = int(opts["r"])
     shapes = {n: (layers[n].update.out_features, layers[n].update.in_features) for n in targets}
-    # one PEFT column order must serve every layer; it depends on each layer's number of bases n
-    orders = {}
-    for n in targets:
-        nb = layers[n].update.n
-        orders.setdefault(nb, _randlora_order(nb, r))
-    ns = sorted(orders)
-    clash = [(a, b) for i, a in enumerate(ns) for b in ns[i + 1:] if not torch.equal(orders[a], orders[b][:a * r])]
-    if clash:
-        a, b = clash[0]
-        ex_a = next(n for n in targets if layers[n].update.n == a)
-        ex_b = next(n for n in targets if layers[n].update.n == b)
-        raise _err(f"export_peft: RandLoRA layers with different numbers of bases n = ceil(min(out, in) / r) "
-                   f"({ex_a}: n={a}, {ex_b}: n={b}) cannot share PEFT {PEFT_VERSION}'s projections: PEFT pairs its "
-                   f"shared B columns with A rows in an order that depends on n, so no single B serves both; "
-                   f"adapt only layers with the same min(out, in), use r=1, or {ALTERNATIVES}")
+    legacy = opts.get("layout") == "basis_major"
+    ns = sorted({layers[n].update.n for n in targets})
+    if legacy and len(ns) > 1 and r > 1:
+        ex = [next(n for n in targets if layers[n].update.n == x) for x in (ns[0], ns[-1])]
+        raise _err(f"export_peft: this RandLoRA adapter has the basis-major layout of adapters trained before PEFT's "
+                   f"pairing was adopted (layout='basis_major'), and its layers have different numbers of bases "
+                   f"n = ceil(min(out, in) / r) ({ex[0]}: n={ns[0]}, {ex[1]}: n={ns[-1]}); PEFT's one shared B "
+                   f"cannot hold that pairing for both. Re-train with the default layout='rank_major' (exported "
+                   f"exactly for any n), or {ALTERNATIVES}")
     # PEFT's shared shapes: _find_dim takes the element-wise max (out, in) over the targets
     out_max = max(o for o, _ in shapes.values())
     in_max = max(i for _, i in shapes.values())
@@ -269,10 +262,12 @@ def _randlora_plan(model, meta, names, targets):
     b_ours = bases.get("B").detach().float()          # (n_max * r, big_max)
     a_peft = torch.zeros(r, 1, min_dim)
     a_peft[:, 0, :a_ours.shape[1]] = a_ours[:r]
+    # PEFT's B (max_dim, N, r) flattened to (max_dim, N*r): column c is our B-stack row c (each layer reads the
+    # first n*r of both), so ours is its transposed top-left corner; the columns past n_max*r are never read
     b_peft = torch.zeros(max_dim, n_peft, r)
     flat = b_peft.view(max_dim, n_peft * r)
-    nb = ns[-1]
-    flat[:b_ours.shape[1], :nb * r] = b_ours[orders[nb]].t()
+    rows = b_ours[_legacy_order(ns[-1], r)] if legacy else b_ours
+    flat[:rows.shape[1], :rows.shape[0]] = rows.t()
     # the scaling: PEFT's is randlora_alpha / r for all layers; a layer whose own scaling differs (its own
     # alpha, or our 1/sqrt(n)) carries the ratio in lambda
     scal = {n: float(layers[n].update.scaling) for n in targets}
@@ -290,7 +285,9 @@ def _randlora_plan(model, meta, names, targets):
         u = layers[n].update
         f = 1.0 if scal[n] == s_p else scal[n] / s_p
         factors[n] = f
-        lam = u.lambda_.detach().t()                   # ours (n, r) [basis, rank] -> PEFT (r, n) [rank, basis]
+        lam = u.lambda_.detach()                       # (r, n) [rank, basis] in both
+        if legacy:
+            lam = lam.t()                              # basis-major (n, r)
         tensors[f"{PREFIX}{n}.randlora_lambda"] = (lam if f == 1.0 else lam * f).contiguous()
         tensors[f"{PREFIX}{n}.randlora_gamma"] = u.gamma.detach()  # (n, m) in both; gamma on the small side
     tensors["base_model.randlora_A"] = a_peft
@@ -601,22 +598,11 @@ def _randlora_import(config, layers, shared, shapes, names):
             if k in layers[n] and not torch.equal(layers[n][k].float(), ref):
                 raise _err(f"import_peft: layer {n}'s copy of {k} differs from base_model.{k}; the file is "
                            "inconsistent")
-    orders = {}
-    for n in names:
-        orders.setdefault(nb[n], _randlora_order(nb[n], r))
-    ns = sorted(orders)
-    clash = [(a, b) for i, a in enumerate(ns) for b in ns[i + 1:] if not torch.equal(orders[a], orders[b][:a * r])]
-    if clash:
-        ex = [next(n for n in names if nb[n] == x) for x in clash[0]]
-        raise _err(f"import_peft: RandLoRA layers with different numbers of bases ({ex[0]}: n={clash[0][0]}, "
-                   f"{ex[1]}: n={clash[0][1]}) read PEFT's shared B in orders that our single shared B stack cannot "
-                   f"reproduce for both; merge the adapter in PEFT (merge_and_unload) or convert it to LoRA there")
-    n_max = ns[-1]
+    n_max = max(nb.values())
     m_max = max(min(o, i) for o, i in shapes.values())
     big_max = max(max(o, i) for o, i in shapes.values())
-    flat = b_p.reshape(max_dim, -1)[:big_max, :n_max * r]
-    b_ours = torch.empty(n_max * r, big_max)
-    b_ours[orders[n_max]] = flat.t()
+    # PEFT's flattened B column c is our B-stack row c, for every layer whatever its n (see export)
+    b_ours = b_p.reshape(max_dim, -1)[:big_max, :n_max * r].t().contiguous()
     a_ours = a_p[:, 0, :m_max].contiguous()
     alpha = float(config.get("randlora_alpha", 640))
     tensors = {}
@@ -627,7 +613,7 @@ def _randlora_import(config, layers, shared, shapes, names):
         if lam is None or gam is None or tuple(lam.shape) != (r, nb[n]) or tuple(gam.shape) != (nb[n], m):
             raise _err(f"import_peft: layer {n}: expected randlora_lambda ({r}, {nb[n]}) and randlora_gamma "
                        f"({nb[n]}, {m}), got {[(k, tuple(v.shape)) for k, v in got.items()]}")
-        tensors[f"{n}.lambda_"] = lam.t().contiguous()
+        tensors[f"{n}.lambda_"] = lam              # (r, n): our rank-major layout is PEFT's
         tensors[f"{n}.gamma"] = gam
     if config.get("very_sparse"):
         dist, sparsity = "very_sparse", 2 * math.sqrt(min_dim)  # P(+-1) = 1/(2 sqrt(D)) each in PEFT
@@ -636,7 +622,8 @@ def _randlora_import(config, layers, shared, shapes, names):
     else:
         dist, sparsity = "uniform", None
     opts = {"r": r, "alpha": alpha, "seed": int(config.get("projection_prng_key", 0)), "scale_sqrt_n": False,
-            "distribution": dist, "sparsity": sparsity, "dropout": float(config.get("randlora_dropout", 0.0))}
+            "distribution": dist, "sparsity": sparsity, "dropout": float(config.get("randlora_dropout", 0.0)),
+            "layout": "rank_major"}
     return "randlora", opts, {}, tensors, {"A": a_ours, "B": b_ours}
 
 
@@ -660,6 +647,8 @@ def _restore_ours(header, plan, targets):
         if header.get("method") != method or sorted(t[0] for t in header["targets"]) != sorted(t.name for t in targets):
             return None
         r_opts = resolve_options(method, header["options"])
+        if method == "randlora":
+            r_opts["layout"] = "rank_major"  # the tensors are read from PEFT's pairing, whatever the export's was
         r_layers = header.get("layer_options") or {}
         factors = (header.get("peft") or {}).get("factors") or {}
         out = dict(tensors)

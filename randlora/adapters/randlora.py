@@ -12,10 +12,19 @@ For a weight W0 of shape (out, in), let m = min(out, in), M = max(out, in), n = 
   dW has rank r after the first step, full rank from the second. ``init="vision"`` is the
   paper's vision code: lambda = 1 / n, gamma = 0 (full rank from the first step).
 
-One global B stack (n_max * r rows x M_max columns; rows j*r .. j*r+r-1 are B_j^T) and one A
-(r x m_max) serve every layer, which slices its top-left corner: memory for bases does not grow
-with depth. With A~ = stack_j (diag(lambda_j) A diag(gamma_j)) of shape (n*r, m) and
-Bs = B[:n*r, :M], the update is Bs^T A~ when in == m, and A~^T Bs when out == m.
+Storage. One global B stack Bs (n_max * r rows x M_max columns) and one A (r x m_max) serve every
+layer, which slices its top-left corner (rows < n*r of Bs, rows < r of A): memory for bases does not
+grow with depth. ``lambda_`` has shape (r, n): lambda_j is its column j; ``gamma`` (n, m). The scaled
+A~ (n*r x m) has row i = lambda[k, j] A_k diag(gamma_j) with k = i // n, j = i % n (rank-major), and
+Bs row i is paired with A~ row i: column k of B_j is Bs row k*n + j. The update is Bs[:n*r]^T A~ when
+in == m, and A~^T Bs[:n*r] when out == m. This is HF PEFT's pairing (its scaled A is (r, n, m)
+flattened, its B (M, n, r) flattened), so one shared B stack serves layers with different n in both
+libraries and the PEFT export is a reshape.
+
+``layout="basis_major"``: adapters created before the rank-major layout (records without a ``layout``
+option mean it) keep computing what they computed: ``lambda_`` (n, r), A~ row i = lambda[j, k] A_k
+diag(gamma_j) with j = i // r, k = i % r, so column k of B_j is Bs row j*r + k. The same bases, the
+same sum; only which B row meets which (rank, basis) pair differs, and with it the trained values.
 
 Compute paths (``path=``):
 * ``factorised``: y = W0 x + s Bs^T (A~ x) (or the mirrored form); a custom autograd function
@@ -51,6 +60,7 @@ PATHS = ("auto", "factorised", "merged")
 # Measured for bf16 training steps; applied to every dtype and to forward-only calls alike.
 FACTORISED_COST = {"cpu": 1.0, "cuda": 2.5}
 INITS = ("default", "vision")
+LAYOUTS = ("rank_major", "basis_major")
 
 
 def num_bases(out_features: int, in_features: int, r: int) -> int:
@@ -72,7 +82,13 @@ class RandLoRAOptions(MethodOptions):
     ``path``: ``auto`` | ``factorised`` | ``merged`` (see ``RandLoRAUpdate.choose_path``).
     ``bases_dtype``: storage of the bases, ``float32`` or a 16-bit type (the float32 draw rounded once).
     ``seed``: the bases' generator seed.
+    ``layout``: which row of the shared B stack meets which (rank, basis) pair (module docstring):
+    ``rank_major`` (PEFT's pairing; ``lambda_`` (r, n)) for every new adapter; ``basis_major`` (``lambda_``
+    (n, r)) is what adapters written before it computed, and what a stored record without it means.
     """
+
+    # what a stored record (adapter file, checkpoint) that predates ``layout`` was computed with
+    LEGACY = {"layout": "basis_major"}
 
     seed: int = 0
     scale_sqrt_n: bool = function_option(False, "divide the scaling by sqrt(n)")
@@ -81,6 +97,7 @@ class RandLoRAOptions(MethodOptions):
     sparsity: float | None = None
     path: str = "auto"
     bases_dtype: str = "float32"
+    layout: str = function_option("rank_major", "B-stack row i meets rank row i // n, basis i % n (PEFT's)")
 
     def default_alpha(self) -> float:
         return 10.0
@@ -96,6 +113,9 @@ class RandLoRAOptions(MethodOptions):
             raise ValueError(f"unknown RandLoRA path {self.path!r}; choose one of {list(PATHS)}")
         if self.bases_dtype not in BASES_DTYPES:
             raise ValueError(f"bases_dtype={self.bases_dtype!r} is unknown; choose one of {list(BASES_DTYPES)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown RandLoRA layout {self.layout!r}; choose one of {list(LAYOUTS)} (basis_major "
+                             "only to keep computing an adapter trained before rank_major existed)")
 
 
 def make_randlora_bases(shapes: list[tuple[int, ...]], r: int, seed: int, distribution: str = "uniform",
@@ -138,18 +158,29 @@ def make_randlora_bases(shapes: list[tuple[int, ...]], r: int, seed: int, distri
     return SharedBases({"A": a.to(BASES_DTYPES[dtype]), "B": b.to(BASES_DTYPES[dtype])}, spec)
 
 
-def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """A~ = stack_j diag(lambda_j) A diag(gamma_j), shape (n*r, m); plain ops, no graph kept."""
-    n, r = lam.shape
-    out = lam[:, :, None] * a[None]
-    out.mul_(gam[:, None, :])  # one (n, r, m) temporary, not two
-    return out.reshape(n * r, a.shape[1])
+def _scaled_a(lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor, rank_major: bool = True) -> torch.Tensor:
+    """A~, shape (n*r, m), row i = lambda_{k,j} A_k diag(gamma_j): rank-major (lambda (r, n); k = i // n,
+    j = i % n) or basis-major (lambda (n, r); j = i // r, k = i % r). Plain ops, no graph kept."""
+    if rank_major:
+        out = lam[:, :, None] * a[:, None, :]   # (r, n, m)
+        out.mul_(gam[None])                      # one temporary, not two
+    else:
+        out = lam[:, :, None] * a[None]          # (n, r, m)
+        out.mul_(gam[:, None, :])
+    return out.reshape(-1, a.shape[1])
 
 
 def _grad_lambda_gamma(g_scaled: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, a: torch.Tensor,
-                       inplace: bool = False):
-    """Pull the gradient of A~ back to lambda (n, r) and gamma (n, m) with two batched matmuls.
+                       inplace: bool = False, rank_major: bool = True):
+    """Pull the gradient of A~ back to lambda and gamma (n, m) with two batched matmuls over the bases j.
     ``inplace``: ``g_scaled`` is a temporary of the caller and may be overwritten."""
+    if rank_major:
+        r, n = lam.shape
+        g3 = g_scaled.reshape(r, n, -1)
+        ga = (g3.mul_(a[:, None, :]) if inplace else g3 * a[:, None, :]).transpose(0, 1)  # (n, r, m) view
+        g_lam = torch.bmm(ga, gam[:, :, None]).squeeze(-1).t().contiguous()              # (r, n)
+        g_gam = torch.bmm(lam.t()[:, None, :], ga).squeeze(1)
+        return g_lam, g_gam
     n, r = lam.shape
     g3 = g_scaled.reshape(n, r, -1)
     ga = g3.mul_(a[None]) if inplace else g3 * a[None]  # (n, r, m)
@@ -162,15 +193,16 @@ class _ScaledBases(torch.autograd.Function):
     """A~ with a backward that keeps only lambda and gamma (A is a resident buffer)."""
 
     @staticmethod
-    def forward(ctx, lam, gam, a):
+    def forward(ctx, lam, gam, a, rank_major=True):
         ctx.save_for_backward(lam, gam, a)
-        return _scaled_a(lam, gam, a)
+        ctx.rank_major = rank_major
+        return _scaled_a(lam, gam, a, rank_major)
 
     @staticmethod
     def backward(ctx, g):
         lam, gam, a = ctx.saved_tensors
-        g_lam, g_gam = _grad_lambda_gamma(_as(g, lam.dtype), lam, gam, _as(a, lam.dtype))
-        return g_lam, g_gam, None
+        g_lam, g_gam = _grad_lambda_gamma(_as(g, lam.dtype), lam, gam, _as(a, lam.dtype), rank_major=ctx.rank_major)
+        return g_lam, g_gam, None, None
 
 
 class _Factorised(torch.autograd.Function):
@@ -178,9 +210,9 @@ class _Factorised(torch.autograd.Function):
     out < in, where recomputing it would be the largest GEMM of the path (2*T*in*n*r)."""
 
     @staticmethod
-    def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype):
+    def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
-        sa = _as(_scaled_a(lam, gam, a).mul_(scaling), dtype)  # s folded into the (n*r x m) A~, not the output
+        sa = _as(_scaled_a(lam, gam, a, rank_major).mul_(scaling), dtype)  # s folded into A~, not the output
         bd = _as(b, dtype)
         h = None
         if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
@@ -190,7 +222,7 @@ class _Factorised(torch.autograd.Function):
             y = h @ sa
         del sa
         ctx.save_for_backward(x, lam, gam, a, b, h)
-        ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
+        ctx.scaling, ctx.in_small, ctx.dtype, ctx.rank_major = scaling, in_small, dtype, rank_major
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -198,7 +230,7 @@ class _Factorised(torch.autograd.Function):
         x, lam, gam, a, b, h = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
         g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
-        sa = _as(_scaled_a(lam, gam, a).mul_(s), dt)     # s * A~, as in forward
+        sa = _as(_scaled_a(lam, gam, a, ctx.rank_major).mul_(s), dt)  # s * A~, as in forward
         bd = _as(b, dt)
         if ctx.in_small:
             gh = g2 @ bd.t()                       # (T, n*r)
@@ -210,15 +242,15 @@ class _Factorised(torch.autograd.Function):
             gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
             del sa
         g_sa = _as(g_sa, lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
-        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, _as(a, lam.dtype), inplace=True)
+        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, _as(a, lam.dtype), inplace=True, rank_major=ctx.rank_major)
         if gx is not None:
             gx = _as(gx.reshape(x.shape), x.dtype)
-        return gx, g_lam, g_gam, None, None, None, None, None
+        return gx, g_lam, g_gam, None, None, None, None, None, None
 
 
-def _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype):
+def _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
     """W0 + s dW in one addmm (no separate dW temporary)."""
-    sa = _as(_scaled_a(lam, gam, a), dtype)
+    sa = _as(_scaled_a(lam, gam, a, rank_major), dtype)
     bd = _as(b, dtype)
     if in_small:
         return torch.addmm(_as(weight, dtype), bd.t(), sa, alpha=scaling)
@@ -229,11 +261,11 @@ class _Merged(torch.autograd.Function):
     """y = x (W0 + s dW)^T + bias in one GEMM; backward rebuilds dW, keeps only x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype):
-        w_eff = _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype)
+    def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
+        w_eff = _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype, rank_major)
         y = F.linear(_as(x, dtype), w_eff, None if bias is None else _as(bias, dtype))
         ctx.save_for_backward(x, weight, lam, gam, a, b)
-        ctx.scaling, ctx.in_small, ctx.dtype = scaling, in_small, dtype
+        ctx.scaling, ctx.in_small, ctx.dtype, ctx.rank_major = scaling, in_small, dtype, rank_major
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -245,7 +277,7 @@ class _Merged(torch.autograd.Function):
         x2 = _as(x.reshape(-1, x.shape[-1]), dt)
         gx = None
         if ctx.needs_input_grad[0]:
-            w_eff = _w_eff(weight, lam, gam, a, b, s, ctx.in_small, dt)
+            w_eff = _w_eff(weight, lam, gam, a, b, s, ctx.in_small, dt, ctx.rank_major)
             gx = _as((g2 @ w_eff).reshape(x.shape), x.dtype)
             del w_eff
         g_dw = g2.t() @ x2                         # (out, in)
@@ -253,10 +285,11 @@ class _Merged(torch.autograd.Function):
         g_sa = bd @ g_dw if ctx.in_small else bd @ g_dw.t()
         del g_dw
         g_sa.mul_(s)                               # scale the (n*r x m) result, not the (out x in) gW
-        g_lam, g_gam = _grad_lambda_gamma(_as(g_sa, lam.dtype), lam, gam, _as(a, lam.dtype), inplace=True)
+        g_lam, g_gam = _grad_lambda_gamma(_as(g_sa, lam.dtype), lam, gam, _as(a, lam.dtype), inplace=True,
+                                          rank_major=ctx.rank_major)
         # a bias someone unfroze by hand still gets its gradient (the adapter never trains it)
         g_bias = _as(g2.sum(0), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return gx, None, g_bias, g_lam, g_gam, None, None, None, None, None
+        return gx, None, g_bias, g_lam, g_gam, None, None, None, None, None, None
 
 
 class RandLoRAUpdate(Update):
@@ -265,14 +298,16 @@ class RandLoRAUpdate(Update):
     @staticmethod
     def param_shapes(out_features, in_features, opts):
         n = num_bases(out_features, in_features, opts.r)
-        return {"lambda_": (n, opts.r), "gamma": (n, min(out_features, in_features))}
+        lam = (opts.r, n) if opts.layout == "rank_major" else (n, opts.r)
+        return {"lambda_": lam, "gamma": (n, min(out_features, in_features))}
 
     @classmethod
     def build(cls, out_features, in_features, opts, bases, base_weight=None):
-        return cls(out_features, in_features, opts.r, opts.alpha, bases, opts.scale_sqrt_n, opts.init, opts.path)
+        return cls(out_features, in_features, opts.r, opts.alpha, bases, opts.scale_sqrt_n, opts.init, opts.path,
+                   opts.layout)
 
     def __init__(self, out_features: int, in_features: int, r: int, alpha: float, bases: SharedBases,
-                 scale_sqrt_n: bool = False, init: str = "default", path: str = "auto"):
+                 scale_sqrt_n: bool = False, init: str = "default", path: str = "auto", layout: str = "rank_major"):
         super().__init__()
         self.out_features, self.in_features, self.r = out_features, in_features, r
         self.m = min(out_features, in_features)
@@ -281,12 +316,16 @@ class RandLoRAUpdate(Update):
         self.in_small = in_features <= out_features
         self.scaling = alpha / r / (math.sqrt(self.n) if scale_sqrt_n else 1.0)
         self.path = path
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown RandLoRA layout {layout!r}; choose one of {LAYOUTS}")
+        self.rank_major = layout == "rank_major"
         object.__setattr__(self, "bases", bases)  # a reference, not a submodule: stored once on the root
+        shape = (r, self.n) if self.rank_major else (self.n, r)
         if init == "default":
-            lam = torch.zeros(self.n, r)
+            lam = torch.zeros(shape)
             gam = torch.full((self.n, self.m), 1.0 / self.m)
         elif init == "vision":
-            lam = torch.full((self.n, r), 1.0 / self.n)
+            lam = torch.full(shape, 1.0 / self.n)
             gam = torch.zeros(self.n, self.m)
         else:
             raise ValueError(f"unknown RandLoRA init {init!r}; choose one of {INITS}")
@@ -302,7 +341,7 @@ class RandLoRAUpdate(Update):
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self._slices(self.lambda_.dtype)
-        sa = _ScaledBases.apply(self.lambda_, self.gamma, a)
+        sa = _ScaledBases.apply(self.lambda_, self.gamma, a, self.rank_major)
         dw = b.t() @ sa if self.in_small else sa.t() @ b
         return dw * self.scaling
 
@@ -322,7 +361,7 @@ class RandLoRAUpdate(Update):
     def branch(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dt = dtype or self.compute_dtype(x, self.lambda_)
         a, b = self._slices(b_dtype=dt)  # A (r x m, small) stays fp32: lambda / gamma math in fp32
-        return _Factorised.apply(x, self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt)
+        return _Factorised.apply(x, self.lambda_, self.gamma, a, b, self.scaling, self.in_small, dt, self.rank_major)
 
     def linear(self, x: torch.Tensor, base: nn.Linear, dropout: nn.Module) -> torch.Tensor:
         x = self.autocast_input(x)
@@ -338,7 +377,7 @@ class RandLoRAUpdate(Update):
             return out + self.branch(dropout(x), dt).to(out.dtype)
         a, b = self._slices(b_dtype=dt)
         y = _Merged.apply(x, base.weight, base.bias, self.lambda_, self.gamma, a, b,
-                          self.scaling, self.in_small, dt)
+                          self.scaling, self.in_small, dt, self.rank_major)
         return y
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .bases import SharedBases
 from .inject import FORMAT_VERSION, META_ATTR, adapted_layers, adapter_meta, inject, is_adapted, shared_bases
-from .registry import DEFAULTS, get_method
+from .registry import DEFAULTS, REGISTRY, get_method
 from .targets import exact_names, find_targets
 
 META_KEY = "__adapter_meta__"  # key of the metadata entry in adapter_state_dict()
@@ -57,12 +57,22 @@ def jsonable(meta: dict) -> dict:
 COMPARED = ("method", "options", "targets", "trainable_names", "layer_options")
 
 
+def stored_meta(meta: dict) -> dict:
+    """``meta`` as read from a file or checkpoint, an option it predates set to what its run computed with:
+    the method's ``LEGACY`` value where the default has changed since (RandLoRA's ``layout``)."""
+    spec = REGISTRY.get(meta.get("method"))
+    if spec is None or not spec.options.LEGACY or not isinstance(meta.get("options"), dict):
+        return meta
+    return {**meta, "options": spec.options.stored(meta["options"])}
+
+
 def diff_meta(expected: dict, got: dict) -> list[str]:
     diffs = []
+    got = stored_meta(got)
     for key in COMPARED:
         a, b = expected.get(key), got.get(key)
         if key == "options":
-            # an option the file predates takes its default (what the file's run used)
+            # an option the file predates takes its default (its LEGACY value was filled in above)
             defaults = DEFAULTS.get(expected.get("method"), {})
             b = {**{k: defaults[k] for k in a if k not in b and k in defaults}, **b}
             for k in sorted(set(a) | set(b)):
@@ -91,7 +101,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
     """
     if META_KEY not in state:
         raise _err("this state dict has no adapter metadata; it was not written by adapter_state_dict()")
-    meta = state[META_KEY]
+    meta = stored_meta(state[META_KEY])
     if meta.get("format") != FORMAT_VERSION:
         raise _err(f"adapter format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
     tensors = {k: v for k, v in state.items() if k != META_KEY}
