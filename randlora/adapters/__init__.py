@@ -11,8 +11,8 @@ bases), one file per method (``lora.py``, ``dora.py``, ``vera.py``, ``randlora.p
 (which layers), ``inject.py`` (inject / merge / inspect), ``counting.py`` (counts, budgets),
 ``state.py`` (state dicts and files).
 """
-from .counting import (count_total, count_trainable, format_parameter_table, lora_equivalent_rank, match_budget,
-                       parameter_table)
+from .counting import (BudgetMatch, BudgetWarning, count_total, count_trainable, format_parameter_table,
+                       lora_equivalent_rank, match_budget, parameter_table)
 from .inject import (adapted_layers, adapter_meta, check_rank, compute_paths, format_paths, inject, is_adapted,
                      merge, shared_bases, unmerge)
 from .randlora import num_bases
@@ -20,7 +20,7 @@ from .registry import DEFAULTS, FUNCTION_OPTIONS, METHODS, REGISTRY, get_method,
 from .state import adapter_state_dict, diff_meta, load_adapter, load_adapter_state_dict, save_adapter
 from .targets import adaptable_modules, clean_name, find_targets
 
-__all__ = ["DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "REGISTRY", "adaptable_modules", "adapted_layers",
+__all__ = ["BudgetMatch", "BudgetWarning", "DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "REGISTRY", "adaptable_modules", "adapted_layers",
            "adapter_meta", "adapter_state_dict", "check_rank", "clean_name", "compute_paths", "count_total",
            "count_trainable", "diff_meta", "find_targets", "format_parameter_table", "format_paths", "get_method",
            "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",
