@@ -231,14 +231,40 @@ def test_scaling_follows_each_layers_rank(vit, budget):
         assert s == pytest.approx(two_r / r / math.sqrt(math.ceil(64 / r)))
 
 
+def test_scaling_keeps_alpha_over_r_fixed_at_every_budget(vit):
+    """``scaling=s``: alpha = s x r on every layer (x the start rank for DoRA-DR), so a budget sweep keeps the
+    update size per step; RandLoRA's 1 / sqrt(n) multiplies on top."""
+    for method, budget in (("randlora", 5000), ("randlora", 20000), ("randlora", 40000), ("lora", 5000),
+                           ("vera", 20000), ("dora_dr", 21576), ("nola", 5000)):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            m = match_budget(vit, method, budget, target_modules=VIT_TARGETS, scaling=10 / 6)
+        model = inject(copy.deepcopy(vit), method, **m)
+        assert set(round(v, 9) for v in scalings(model).values()) == {round(10 / 6, 9)}, (method, budget)
+        assert not any("scaling alpha / r" in str(w.message) for w in got), [str(w.message) for w in got]
+    m = quiet_match(vit, "randlora", 20000, target_modules=VIT_TARGETS, scaling=2.0, scale_sqrt_n=True)
+    for name, s in scalings(inject(copy.deepcopy(vit), "randlora", **m)).items():
+        assert s == pytest.approx(2.0 / math.sqrt(math.ceil(64 / m.ranks[name])))
+    with pytest.raises(ValueError, match="give alpha or scaling, not both"):
+        match_budget(vit, "lora", 5000, target_modules=VIT_TARGETS, scaling=1.0, alpha=2.0)
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="scaling must be a positive number"):
+            match_budget(vit, "lora", 5000, target_modules=VIT_TARGETS, scaling=bad)
+
+
 # ------------------------------------------------------------------ degenerate regimes
 def test_degenerate_regimes_warn(vit):
     with pytest.warns(BudgetWarning, match=r"randlora at r=1 on \d+ of 12 layers.*scaling alpha / r = 10"):
         m = match_budget(vit, "randlora", 40000, target_modules=VIT_TARGETS)
     assert m.warnings and 1 in m.rank_counts
-    with pytest.warns(BudgetWarning, match=r"vera r=246 exceeds min\(out, in\) of every target \(at most 64\)"):
+    with pytest.warns(BudgetWarning) as got:
         m = match_budget(vit, "vera", 5000, target_modules=VIT_TARGETS, alpha=1.0)
-    assert m["r"] == 246 and m.trainable == 5000
+    assert m["r"] == 246 and m.trainable == 5000 and len(m.warnings) == 2
+    assert re.search(r"vera r=246 exceeds min\(out, in\) of every target \(at most 64\)", m.warnings[0])
+    assert re.search(r"vera scaling alpha / r = 1 / 246 = 0.00407: .* 246x smaller than VeRA's own", m.warnings[1])
+    assert [str(w.message) for w in got] == list(m.warnings)
+    with pytest.warns(BudgetWarning) as got:  # alpha unset: scaling 1, only the rank note
+        assert len(match_budget(vit, "vera", 5000, target_modules=VIT_TARGETS).warnings) == 1
     # what that warning says: VeRA's shared bases are Kaiming-scaled (B: bound sqrt(6 / r)), so B diag(d) A has
     # the same size for every r and alpha / r alone sets the update's size (a fixed alpha: dW shrinks as 1 / r)
     from randlora.adapters.vera import make_vera_bases

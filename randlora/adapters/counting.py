@@ -138,6 +138,8 @@ class BudgetMatch(Mapping):
 # enumerating per-group layer counts stops past this many combinations (a model with very many
 # distinct layer shapes); the budget is then refused with the nearest reachable counts
 _SEARCH_CAP = 1_000_000
+# a VeRA scaling below this is flagged: with Kaiming-scaled bases it shrinks the update by 1 / scaling
+VERA_SMALL_SCALING = 0.1
 
 
 def _same_targets(a, b) -> bool:
@@ -205,7 +207,7 @@ def _spread(size: int, k: int, phase: float) -> list[int]:
     return [int(math.floor((j + phase) * size / k)) for j in range(k)]
 
 
-def _degenerate(spec, method, targets, ranks, opts_at, counts) -> list[str]:
+def _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=True) -> list[str]:
     """Messages for the regimes where matching parameters compares something unexpected."""
     out = []
     big = [t for t, c in zip(targets, counts) if c >= t.out_features * t.in_features]
@@ -218,22 +220,29 @@ def _degenerate(spec, method, targets, ranks, opts_at, counts) -> list[str]:
     if method == "randlora":
         ones = [t.name for t in targets if ranks[t.name] == 1]
         if ones:
-            s = opts_at(1).alpha
-            out.append(f"randlora at r=1 on {len(ones)} of {len(targets)} layers (e.g. {ones[0]}): n = min(out, in) "
-                       f"rank-1 bases per layer, each lambda_j a single number redundant with gamma_j, and the "
-                       f"scaling alpha / r = {s:g} is r times that of the same alpha at rank r (10 / 6 = 1.67 in the "
-                       f"paper's r=6 setting): this compares a differently scaled, maximal-bases RandLoRA, not the "
-                       f"paper's; lower the budget or target more layers for r >= 2")
+            msg = (f"randlora at r=1 on {len(ones)} of {len(targets)} layers (e.g. {ones[0]}): n = min(out, in) "
+                   f"rank-1 bases per layer, each lambda_j a single number redundant with gamma_j")
+            a = opts_at(1).alpha
+            if fixed_alpha and a != opts_at(2).alpha / 2:
+                msg += (f"; the scaling alpha / r = {a:g} is r times what alpha={a:g} gives at rank r, and the update "
+                        f"per step grows with it (docs/budgets.md: on the digits ViT the update reached 3.6x the "
+                        f"weights and accuracy collapsed at alpha=10); pass scaling= (e.g. the paper's 10 / 6) to "
+                        f"keep alpha / r fixed across budgets, or lower the budget for r >= 2")
+            out.append(msg)
     if method == "vera":
         r = next(iter(ranks.values()))
+        o = opts_at(r)
         cap = max(min(t.out_features, t.in_features) for t in targets)
         if r > cap:
-            o = opts_at(r)
             out.append(f"vera r={r} exceeds min(out, in) of every target (at most {cap}): dW = s diag(b) B diag(d) A "
                        f"has rank <= min(out, in) whatever r, so this budget buys {r - cap} more entries of d per "
-                       f"layer, not rank; the scaling is alpha / r = {o.scaling:.3g}, and as the shared bases are "
-                       f"Kaiming-scaled (B diag(d) A has the same size for every r) an alpha that does not grow "
-                       f"with r shrinks the update as r grows")
+                       f"layer, not rank")
+        if o.scaling < VERA_SMALL_SCALING:
+            out.append(f"vera scaling alpha / r = {o.alpha:g} / {r} = {o.scaling:.3g}: the shared bases are Kaiming-"
+                       f"scaled, so B diag(d) A has the same size for every r and this update is {1 / o.scaling:.0f}x "
+                       f"smaller than VeRA's own (scaling 1; the RandLoRA paper's 1 / r goes with unit-variance "
+                       f"bases); at budgets that raise r it shrinks further (see docs/budgets.md: on the digits ViT "
+                       f"such a run equals training the head alone). Leave alpha unset for scaling 1")
     if method == "nola":
         k = next(iter(ranks.values()))
         o = opts_at(k)
@@ -245,7 +254,7 @@ def _degenerate(spec, method, targets, ranks, opts_at, counts) -> list[str]:
 
 
 def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: float = 0.02,
-                 **options) -> BudgetMatch:
+                 scaling: float | None = None, **options) -> BudgetMatch:
     """The adapter of ``method`` on ``options['target_modules']`` whose parameter count is within
     ``tolerance`` (relative) of ``budget``, as inject's keyword arguments (see ``BudgetMatch``).
 
@@ -271,6 +280,12 @@ def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: flo
        is already fine-grained. DoRA-DR allows no per-layer rank (its schedule redistributes rank
        across layers itself), so only a single r is considered.
 
+    ``scaling``: keep the method's scaling s = alpha / r fixed at this value on every layer whatever
+    rank the budget gives (alpha = scaling x r, per layer; DoRA-DR: x its start rank; RandLoRA's
+    optional 1 / sqrt(n) still multiplies on top). A sweep over budgets then compares the same
+    update size per step at every budget (docs/budgets.md); with a fixed ``alpha`` instead, s moves
+    as 1 / r (RandLoRA at alpha = 10: s = 10 at r = 1, 0.63 at r = 16).
+
     A budget that none of these meets within ``tolerance`` is refused with the nearest reachable
     counts. Degenerate regimes (``_degenerate``) are returned in ``warnings`` and issued as
     ``BudgetWarning``.
@@ -289,12 +304,22 @@ def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: flo
         raise _err(f"match_budget chooses {knob} itself; drop {knob}={options[knob]!r} from its options")
     if "layer_options" in options:
         raise _err("match_budget chooses layer_options itself; drop layer_options from its options")
+    if scaling is not None:
+        if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0
+                and math.isfinite(scaling)):
+            raise _err(f"scaling must be a positive number (alpha / r on every layer), got {scaling!r}")
+        if options.get("alpha") is not None:
+            raise _err(f"give alpha or scaling, not both: scaling={scaling!r} sets alpha = scaling x r on every layer")
     targets, options["target_modules"] = _budget_targets(model, options.get("target_modules"))
     method_opts = {k: v for k, v in options.items() if k not in COMMON}
     base = spec.resolve({**method_opts, knob: 1})  # option names and values checked here, once
 
     def opts_at(v):
-        return spec.resolve({**method_opts, knob: v})
+        """The options at knob value v (alpha = scaling x r when ``scaling`` is given)."""
+        o = spec.resolve({**method_opts, knob: v})
+        if scaling is None:
+            return o
+        return spec.resolve({**method_opts, knob: v, "alpha": scaling * o.alpha / o.scaling})
 
     def layer_count(shape, v):
         o = copy.copy(base)
@@ -345,17 +370,18 @@ def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: flo
                           f"per-layer {knob}")
         ranks, layer_opts = _mix(targets, single, totals, per_shape, values, budget, slack, method, tolerance,
                                  reach_single)
-        alpha_given = options.get("alpha") is not None
-        if not alpha_given:
-            for name, lo in layer_opts.items():
+        if options.get("alpha") is None:  # alpha follows r (a default of r, or scaling x r): per layer too
+            for lo in layer_opts.values():
                 a = opts_at(lo["r"]).alpha
                 if a != opts_at(single).alpha:
                     lo["alpha"] = a
     counts = [int(per_shape[(t.out_features, t.in_features)][ranks[t.name] - 1]) for t in targets]
     result = {**options, knob: single}
+    if scaling is not None:
+        result["alpha"] = opts_at(single).alpha
     if layer_opts:
         result["layer_options"] = layer_opts
-    msgs = _degenerate(spec, method, targets, ranks, opts_at, counts)
+    msgs = _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=scaling is None)
     for m in msgs:
         warnings.warn(m, BudgetWarning, stacklevel=2)
     return BudgetMatch(method=method, budget=float(budget), trainable=sum(counts), tolerance=float(tolerance),
