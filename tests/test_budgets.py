@@ -131,6 +131,20 @@ def test_dora_dr_has_no_per_layer_rank(vit):
     assert m["r"] == 4 and "layer_options" not in m
 
 
+def test_refusal_between_mix_steps_names_both_sides():
+    """12 layers with one RandLoRA count per rank (m = 64): r=2 / r=1 mixes move in steps of 4,160 - 2,112
+    = 2,048, so 36,864 (between 35,584 and 37,632) is out of 2 % reach; both neighbours are named and are
+    real counts."""
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    with pytest.raises(ValueError, match=r"no mix of r=2 with a neighbouring r .* the nearest reachable budgets are "
+                                         r"35,584 \(r=2 with some layers at r=1, -3.5 %\) and 37,632 \(r=2 with "
+                                         r"some layers at r=1, \+2.1 %\)"):
+        match_budget(net, "randlora", 36864, target_modules=r"\d+")
+    for reachable in (35584, 37632):
+        m = quiet_match(net, "randlora", reachable, target_modules=r"\d+", tolerance=0)
+        assert m.trainable == reachable == count_trainable(inject(copy.deepcopy(net), "randlora", **m))
+
+
 # ------------------------------------------------------------------ the mix: uniform, spread, deterministic
 def test_single_rank_preferred_when_within_tolerance(llama_meta):
     # the paper's pair: RandLoRA-30 at LoRA-32's budget on LLaMA-3-8B (+0.005 %): no per-layer ranks

@@ -427,7 +427,10 @@ def _mix(targets, ra, totals, per_shape, values, budget, slack, method, toleranc
                 ranks[name] = rb
                 layer_opts[name] = {"r": rb}
         return ranks, layer_opts
-    best = sorted(set(near) | set(reach_single()), key=lambda x: abs(x[0] - budget))[:2]
-    raise _refuse(method, budget, tolerance, sorted(best),
+    seen = set(near) | set(reach_single())
+    below = [x for x in seen if x[0] <= budget]
+    above = [x for x in seen if x[0] >= budget]
+    best = ([max(below)] if below else []) + ([min(above)] if above else [])
+    raise _refuse(method, budget, tolerance, best,
                   f"budget {budget:,.0f} cannot be met within {100 * tolerance:g} % by {method} on these targets: "
                   f"no mix of r={ra} with a neighbouring r on some layers reaches it")
