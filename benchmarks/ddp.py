@@ -61,7 +61,8 @@ def _configs(spec, runner, lora_r, fsdp=False):
 
     lora = adapt("lora", r=lora_r)
     budget = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    rand_r = match_budget(base, "randlora", budget, target_modules=spec.targets, **extra)["r"]
+    # one rank on every layer: the nearest, accepted within 50 %
+    rand_r = match_budget(base, "randlora", budget, target_modules=spec.targets, tolerance=0.5, **extra)["r"]
     rows = [("lora", f"lora r={lora_r}", lora, False)]
     for name, skip in (("randlora, DDP default", False), ("randlora, constants skipped", True)):
         rows.append(("randlora", f"{name} (r={rand_r})", adapt("randlora", r=rand_r, seed=0), skip))

@@ -137,13 +137,14 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
 
     notes = []
     budget = _lora_count(spec.model, spec.targets, lora_r)
-    rand_r = match_budget(spec.model, "randlora", budget, target_modules=spec.targets)
+    # one rank on every layer (the PEFT rows take the same r): the nearest, accepted within 50 %
+    rand_r = match_budget(spec.model, "randlora", budget, target_modules=spec.targets, tolerance=0.5)
     notes.append(f"budget: ours LoRA r={lora_r} on {spec.targets} = {budget:,} adapter parameters; "
-                 f"match_budget gives RandLoRA r={rand_r['r']} ({rand_r['expected_trainable']:,})")
+                 f"match_budget gives RandLoRA r={rand_r['r']} ({rand_r.trainable:,})")
     try:
-        vr = match_budget(spec.model, "vera", budget, target_modules=spec.targets)
+        vr = match_budget(spec.model, "vera", budget, target_modules=spec.targets, tolerance=0.5)
         vera_r = vr["r"]
-        notes.append(f"match_budget gives VeRA r={vera_r} ({vr['expected_trainable']:,})")
+        notes.append(f"match_budget gives VeRA r={vera_r} ({vr.trainable:,})")
     except ValueError as e:
         vera_r = vera_fallback
         notes.append(f"VeRA cannot reach that budget (match_budget: {str(e).split(';')[0]}); "

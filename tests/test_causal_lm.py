@@ -295,7 +295,7 @@ def test_llama3_8b_randlora30_matches_lora32_on_meta():
     assert 100 * lo_all / total == pytest.approx(0.705, abs=0.005)
     # the budget matcher picks RandLoRA-30 for the LoRA-32 budget (formulas only: nothing is allocated)
     picked = match_budget(model, "randlora", lo_all, target_modules=LLAMA_TARGETS)
-    assert picked["r"] == 30 and picked["expected_trainable"] == rl_all
+    assert picked["r"] == 30 and picked.trainable == rl_all and "layer_options" not in picked
     # Table 15's pairs: RandLoRA-60 / -30 / -15 within 2 % of LoRA-16 / -32 / -64 (0.35 / 0.7 / 1.4 %)
     for lora_r, rand_r, pct in ((16, 60, 0.35), (32, 30, 0.7), (64, 15, 1.4)):
         lo = _per_layer_counts(model, LLAMA_TARGETS, "lora", lora_r)[1]

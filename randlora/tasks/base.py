@@ -39,9 +39,8 @@ def apply_adapter(module: torch.nn.Module, adapter_cfg, default_targets, trainab
     method, kw = adapter_kwargs(adapter_cfg, default_targets, trainable_modules)
     budget = adapter_cfg.get("budget")
     if budget is not None:
-        picked = match_budget(module, method, float(budget), **{k: v for k, v in kw.items() if k != "r"})
-        picked.pop("expected_trainable")
-        kw["r"] = picked["r"]
+        # inject's keyword arguments: r, plus layer_options where some layers take a neighbouring rank
+        kw = dict(match_budget(module, method, float(budget), **{k: v for k, v in kw.items() if k != "r"}))
     inject(module, method, **kw)
     return {"method": method, "r": kw.get("r"), "budget": None if budget is None else float(budget)}
 
