@@ -370,6 +370,9 @@ def is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig):
+    from .launch import run_job_in_child, should_isolate
+    if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/launch.py)
+        return run_job_in_child(cfg)
     from .models import SourceUnavailableError
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
     message = None
