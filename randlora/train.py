@@ -289,7 +289,8 @@ def _compile(cfg, task, verbose: bool = True) -> dict:
 
 
 def _release_memory() -> None:
-    """Free a finished job's tensors before the next job of a multirun (same process). Called by
+    """Free a finished job's tensors before the next job of a multirun run in the same process (a
+    launcher such as submitit's local one, or RANDLORA_INPROCESS_JOBS=1). Called by
     ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
     Lightning's trainer <-> module references form a cycle that only a collection breaks."""
     import gc
@@ -402,4 +403,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from randlora.launch import await_job
+    await_job()  # in a local multirun's fork server: returns in each forked job (randlora/launch.py)
     main()

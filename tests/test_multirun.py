@@ -60,17 +60,36 @@ def test_job_command_is_the_single_run_of_that_job():
     assert c.adapter.method == "lora" and c.seed == 3 and list(c.tags) == ["a", "b"]
 
 
+def test_fork_refused_while_other_threads_run():
+    """The fork server forks only while it is single-threaded (a lock held by another thread would
+    stay locked in the child forever)."""
+    import threading
+
+    from randlora.launch import _fork_unsafe
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert "threads" in _fork_unsafe()
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_not_isolated_outside_a_hydra_multirun(monkeypatch):
     from randlora.launch import should_isolate
     assert should_isolate() is False  # no Hydra context (main(cfg) called directly, tests)
 
 
 @pytest.mark.slow
-def test_killed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+@pytest.mark.parametrize("forks", ["1", "0"], ids=["forked", "cold"])
+def test_killed_job_is_recorded_and_the_sweep_goes_on(tmp_path, forks):
     """Job 0 is SIGKILLed at its first step: job 1 still runs, job 0's results.json says failed,
     'killed by signal 9', the report lists it, and the sweep ends with its folder and report command.
-    (In one process, the kill ended the sweep: exit -9, job 1 never ran.)"""
-    out = train_cli(["-m", *FAST, "callbacks.kill_at_step=1,null", f"paths.log_dir={tmp_path}"], timeout=600)
+    (In one process, the kill ended the sweep: exit -9, job 1 never ran.) Jobs forked by the fork
+    server, and started from their command line (RANDLORA_JOB_FORKS=0, the fall-back)."""
+    out = train_cli(["-m", *FAST, "callbacks.kill_at_step=1,null", f"paths.log_dir={tmp_path}"], timeout=600,
+                    extra_env={"RANDLORA_JOB_FORKS": forks})
     assert out.returncode == 0, out.stderr[-3000:]
     sweep, jobs, res = _sweep(tmp_path)
     assert [r["status"] for r in res] == ["failed", "completed"]
