@@ -307,9 +307,12 @@ RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budg
 def _to_wandb(loggers, results: dict) -> None:
     """Put the results.json fields into the W&B run (config + summary) so reports can pull them."""
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             run = lg.experiment
+            if isinstance(run, DummyExperiment):  # DDP ranks other than 0 have no W&B run
+                continue
             run.config.update({k: results.get(k) for k in RUN_FIELDS if k != "status"}, allow_val_change=True)
             summary = {"status": results["status"], **{f"params/{k}": v for k, v in results["params"].items()},
                        **results["metrics"], **{f"perf/{k}": v for k, v in results["perf"].items()}}

@@ -182,3 +182,18 @@ def test_train_py_with_key_and_no_network_completes(tmp_path, silent_server):
     assert "wandb sync" in out.stdout
     assert results(tmp_path)["status"] == "completed"
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.slow
+def test_ddp_run_logs_one_wandb_run_without_warnings(tmp_path):
+    """Two DDP ranks: rank 0 holds the one W&B run; rank 1 neither starts one nor fails writing the
+    summary into its placeholder (it printed 'writing the W&B summary failed')."""
+    out = train_cli(["model=tiny_vit", "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                     "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger=wandb",
+                     f"hydra.run.dir={tmp_path}"],
+                    extra_env={"WANDB_MODE": "offline", "NETRC": str(tmp_path / "no-netrc"),
+                               "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "W&B summary failed" not in out.stderr and "Traceback" not in out.stderr
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert results(tmp_path)["status"] == "completed"
