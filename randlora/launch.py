@@ -119,7 +119,7 @@ def describe_exit(returncode: int | None) -> str:
             name = "unknown signal"
         text = f"killed by signal {-returncode} ({name})"
         if -returncode == signal.SIGKILL:
-            text += " (the kernel's out-of-memory killer sends SIGKILL when memory runs out)"
+            text += "; the kernel's out-of-memory killer sends it when memory runs out"
         return text
     return f"exited with status {returncode}"
 
