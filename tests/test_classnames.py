@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from helpers import ROOT, compose_cfg
 from randlora.data import classnames as cn
+from tests.helpers import ROOT, compose_cfg
 
 PAPER = ["caltech101", "caltech256", "cars", "cifar10", "cifar100", "country211", "cub200", "dtd", "eurosat",
          "fgvc_aircraft", "flowers102", "food101", "gtsrb", "imagenet", "mnist", "oxford_pets", "pascal_voc",
@@ -89,7 +89,8 @@ def test_templates_follow_the_paper_code():
     (None, None),                                              # unnamed: nothing to check
     ([str(i) for i in range(10)], None),                       # ids as names: nothing to check
     (["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"], None),
-    (["truck", "ship", "horse", "frog", "dog", "deer", "cat", "bird", "automobile", "airplane"], list(range(9, -1, -1))),
+    (["truck", "ship", "horse", "frog", "dog", "deer", "cat", "bird", "automobile", "airplane"],
+     list(range(9, -1, -1))),
 ])
 def test_align_confirms_or_remaps(source_names, expect):
     assert cn.align("cifar10", source_names, "copy") == expect

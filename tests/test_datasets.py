@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FAST, compose_cfg
 from randlora.data import classnames as cn
 from randlora.data.images import DataConfigError, ImageDataModule, source_problems
 from randlora.models import SourceUnavailableError
 from randlora.train import build_datamodule, run
+from tests.helpers import FAST, compose_cfg
 
 RNG = np.random.default_rng(0)
 pytestmark = pytest.mark.filterwarnings("ignore:.*split sizes differ from the paper")
@@ -62,7 +62,8 @@ def _write_hub(root, splits: dict, features, config=None):
     sub = config or "data"
     for split, cols in splits.items():
         os.makedirs(root / sub, exist_ok=True)
-        datasets.Dataset.from_dict(cols, features=features).to_parquet(str(root / sub / f"{split}-00000-of-00001.parquet"))
+        out = root / sub / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(cols, features=features).to_parquet(str(out))
     if config:
         lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
         lines += [f"  - split: {s}\n    path: {config}/{s}-*" for s in splits]
@@ -395,7 +396,8 @@ TORCHVISION = {
 }
 # torchvision verifies these files' published MD5 sums, which tiny stand-ins cannot match; only that
 # check is bypassed, the class still parses the files
-CHECKSUMMED = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "stl10": "STL10", "flowers102": "Flowers102"}
+CHECKSUMMED = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "stl10": "STL10",
+               "flowers102": "Flowers102"}
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
@@ -574,3 +576,25 @@ def test_offline_hub_load_fails_at_once_without_retries(tmp_path, monkeypatch):
         ImageDataModule("food101", "hf", hub_id="someone/not-cached").setup()
     assert time.perf_counter() - t0 < 5
     assert hc.HF_HUB_OFFLINE is False  # restored after the load
+
+
+def test_clip_head_single_prompt_for_vl_and_template_ensemble_for_frozen_text(tmp_path):
+    import datasets
+    import torch.nn.functional as F
+    names = cn.classes("dtd")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    repo = _write_hub(tmp_path / "dtd", {s: _rows(47, 2, "image", "label") for s in ("train", "test")}, feats)
+    dm = _dm(["data=dtd", f"data.hub_id={repo}", "data.val_fraction=0.5"])
+    assert dm.templates == cn.templates("dtd") and len(dm.templates) == 8
+    task, head = _clip_head(dm)  # vision-language: the paper's single prompt, no full stop
+    assert task.head_kind == "single" and task.prompts[0] == "An image of banded"
+    task, head = _clip_head(dm, text_tower="frozen")  # vision-only: the dataset's prompt ensemble
+    assert task.head_kind == "ensemble" and head.shape[0] == 47
+    with torch.no_grad():
+        for c in (0, 46):
+            tok = task.tokenizer([t.format(names[c]) for t in cn.templates("dtd")])
+            ref = F.normalize(F.normalize(task.net.encode_text(tok), dim=-1).mean(0), dim=-1)
+            assert torch.allclose(head[c], ref, atol=1e-6)
+    with pytest.raises(ValueError, match="task.head=ensemble needs the dataset's prompt templates"):
+        dm.templates = None
+        _clip_head(dm, head="ensemble")

@@ -22,7 +22,7 @@ from pathlib import Path
 DATA_FILE = Path(__file__).with_name("vision_datasets.json")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table() -> dict:
     return json.loads(DATA_FILE.read_text())["datasets"]
 

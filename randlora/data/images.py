@@ -258,7 +258,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.image_key, self.label_key = image_key, label_key
         if isinstance(class_names, str) and class_names not in ("source", "curated"):
-            raise DataConfigError(f"data.class_names={class_names!r}; use curated (default), source, or a list of names")
+            raise DataConfigError(f"data.class_names={class_names!r}; use curated (default), source or a list of names")
         self.class_names_option = class_names if isinstance(class_names, str) else None
         self.class_names = list(class_names) if class_names is not None and not isinstance(class_names, str) else None
         self.shots, self.fraction, self.val_fraction = shots, fraction, val_fraction
@@ -594,8 +594,8 @@ def source_problems(data_cfg, hub) -> list[str]:
                 return [f"data={name}: {p} ({guide})"]
             if not os.path.exists(os.path.join(path, "dataset_dict.json")) and not any(
                     e.is_dir() for e in os.scandir(path)):
-                return [f"data={name}: data.path={path!r} is neither a save_to_disk folder (no dataset_dict.json) "
-                        f"nor an image folder (no sub-folders) ({guide})"]
+                return [(f"data={name}: data.path={path!r} is neither a save_to_disk folder (no dataset_dict.json) "
+                         f"nor an image folder (no sub-folders) ({guide})")]
             return []
         hub_id = d.get("hub_id")
         if not hub_id:
@@ -603,10 +603,11 @@ def source_problems(data_cfg, hub) -> list[str]:
         if getattr(hub, "online", False) or hub_cached(hub_id):
             return []
         why = getattr(hub, "reason", None) or "offline"
-        return [f"data={name}: hub dataset {hub_id!r} is not in the local Hugging Face cache and the hub is "
-                f"unreachable ({why}); on a machine with network run python -c \"import datasets; "
-                f"datasets.load_dataset('{hub_id}'{', ' + repr(d['hub_config']) if d.get('hub_config') else ''})"
-                f".save_to_disk('<folder>')\" and pass data.path=<folder>, or use a local layout ({guide})"]
+        config = f", {d['hub_config']!r}" if d.get("hub_config") else ""
+        return [(f"data={name}: hub dataset {hub_id!r} is not in the local Hugging Face cache and the hub is "
+                 f"unreachable ({why}); on a machine with network run python -c \"import datasets; "
+                 f"datasets.load_dataset('{hub_id}'{config}).save_to_disk('<folder>')\" and pass "
+                 f"data.path=<folder>, or use a local layout ({guide})")]
     if src == "imagefolder":
         p = _path_problem(path, "an image folder (<path>/<split>/<class>/*.jpg)")
         if p:

@@ -32,7 +32,8 @@ TORCHVISION_LAYOUT = {
     "Flowers102": ["flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
     "OxfordIIITPet": ["oxford-iiit-pet/images", "oxford-iiit-pet/annotations"],
     "StanfordCars": ["stanford_cars/devkit/cars_meta.mat", "stanford_cars/devkit/cars_train_annos.mat",
-                     "stanford_cars/cars_train", "stanford_cars/cars_test", "stanford_cars/cars_test_annos_withlabels.mat"],
+                     "stanford_cars/cars_train", "stanford_cars/cars_test",
+                     "stanford_cars/cars_test_annos_withlabels.mat"],
     "FGVCAircraft": ["fgvc-aircraft-2013b/data/variants.txt", "fgvc-aircraft-2013b/data/images"],
     "Country211": ["country211/train", "country211/valid", "country211/test"],
     "Caltech101": ["caltech101/101_ObjectCategories"],
@@ -224,7 +225,9 @@ def _ucf101(root: Path, make_tf, splits):
 
 def _cub(root: Path, make_tf, splits):
     base = root / "CUB_200_2011"
-    read = lambda f: [ln.split(maxsplit=1) for ln in (base / f).read_text().splitlines() if ln.strip()]  # noqa: E731
+
+    def read(f):
+        return [ln.split(maxsplit=1) for ln in (base / f).read_text().splitlines() if ln.strip()]
     paths = {i: p for i, p in read("images.txt")}
     label = {i: int(c) - 1 for i, c in read("image_class_labels.txt")}
     is_train = {i: s.strip() == "1" for i, s in read("train_test_split.txt")}
