@@ -80,6 +80,10 @@ def validate_config(cfg, deep: bool = True) -> None:
     if src in ("imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011", "voc2007_crops") and not d.get("path"):
         raise ValueError(f"data={d.name} reads a local copy (data.source={src}): set data.path=<folder>; "
                          "docs/datasets.md gives the layout and where to get it")
+    vf = d.get("val_fraction")
+    if vf is not None and not (_num(vf) and 0 < vf < 1):
+        raise ValueError(f"data.val_fraction={vf!r} must be in (0, 1): the share of the training split held out for "
+                         "validation (val/acc, the Optuna objective)")
     shots = d.get("shots")
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0):
         raise ValueError(f"data.shots={shots!r} must be a positive integer (images per class) or null")

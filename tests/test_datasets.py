@@ -598,3 +598,13 @@ def test_clip_head_single_prompt_for_vl_and_template_ensemble_for_frozen_text(tm
     with pytest.raises(ValueError, match="task.head=ensemble needs the dataset's prompt templates"):
         dm.templates = None
         _clip_head(dm, head="ensemble")
+
+
+@pytest.mark.parametrize("over,msg", [
+    (["data.val_fraction=1.0"], r"data.val_fraction=1.0 must be in \(0, 1\)"),
+    (["data.path=/somewhere"], "data.source=digits generates its images and does not read data.path"),
+])
+def test_data_settings_that_would_train_on_nothing_or_be_ignored_are_refused(over, msg, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        run(compose_cfg([*over, *FAST], tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"

@@ -284,6 +284,9 @@ class ImageDataModule(L.LightningDataModule):
     def _load_raw(self):
         """(train, val or None, test) datasets with a ``labels`` tensor, before sampling."""
         src = self.source
+        if src in ("digits", "synthetic") and self.path:
+            raise DataConfigError(f"data.source={src} generates its images and does not read data.path={self.path!r}; "
+                                  "drop data.path, or choose the source that reads it (hf, imagefolder, torchvision, ...)")
         if src in ("digits", "synthetic"):
             images, labels = _digits() if src == "digits" else _synthetic(self.seed, **self.synthetic)
             if src == "digits":
@@ -453,8 +456,13 @@ class ImageDataModule(L.LightningDataModule):
                 _check_readable(ds, self.check_images, f"{self.name} {role} split")
         n_full_train = len(train)
         if val is None:  # hold out part of train, stratified and seed-independent of the method
+            if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+                raise DataConfigError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1): the share of the "
+                                      f"training split of {self.name} held out for validation")
             tr_idx, va_idx = split_indices(train.labels, self.val_fraction, self.seed)
-            if not va_idx:
+            # val_fraction=0 is an explicit "no validation set" for library use (train.py refuses it);
+            # a positive fraction that rounds to nothing is a mistake
+            if not va_idx and self.val_fraction > 0:
                 per_class = train.labels.bincount()
                 raise DataConfigError(
                     f"data.val_fraction={self.val_fraction} holds out no image of the {len(train)} training images "
@@ -472,6 +480,9 @@ class ImageDataModule(L.LightningDataModule):
             train = Subset(train, few_shot_indices(train.labels, self.shots, self.seed))
         if self.fraction != 1.0:
             train = Subset(train, fraction_indices(len(train), self.fraction, self.seed))
+        if len(train) == 0:
+            raise DataConfigError(f"no training image of {self.name} is left after holding out the validation set "
+                                  f"(data.val_fraction={self.val_fraction}); lower data.val_fraction")
         self.train_set, self.val_set, self.test_set = train, val, test
         used = train.labels.bincount(minlength=n_cls)
         present = used[available > 0]
