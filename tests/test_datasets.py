@@ -558,6 +558,8 @@ def test_source_problems_lists_every_missing_source_with_its_fix(tmp_path, monke
     assert "is a file" in source_problems({**cfgs["food101"], "path": str(f)}, down)[0]
     assert "is a file" in source_problems({**cfgs["ucf101"], "path": str(f)}, down)[0]
     assert source_problems(dict(compose_cfg(["data=digits"]).data), down) == []
+    sun = dict(compose_cfg(["data=sun397", "data.source=torchvision", f"data.path={tmp_path}"]).data)
+    assert "sun397 has no torchvision layout" in source_problems(sun, down)[0]
 
 
 def test_offline_hub_load_fails_at_once_without_retries(tmp_path, monkeypatch):

@@ -454,7 +454,6 @@ class ImageDataModule(L.LightningDataModule):
         if self.check_images:
             for role, ds in (("train", train), ("val", val), ("test", test)):
                 _check_readable(ds, self.check_images, f"{self.name} {role} split")
-        n_full_train = len(train)
         if val is None:  # hold out part of train, stratified and seed-independent of the method
             if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
                 raise DataConfigError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1): the share of the "
@@ -491,7 +490,7 @@ class ImageDataModule(L.LightningDataModule):
             "train_per_class_min": int(present.min()) if len(present) else 0,
             "train_per_class_max": int(present.max()) if len(present) else 0,
             "classes_below_shots": int((available[available > 0] < self.shots).sum()) if self.shots else 0,
-            "train_size": len(train), "train_pool_size": n_full_train, "val_size": len(val), "test_size": len(test),
+            "train_size": len(train), "train_pool_size": int(available.sum()), "val_size": len(val), "test_size": len(test),
             "val_source": val_source, "num_classes": n_cls, "class_names": self.names_origin,
         }
 
@@ -628,6 +627,9 @@ def source_problems(data_cfg, hub) -> list[str]:
         return [f"data={name}: data.path={path!r} has no split folder {s!r} ({guide})" for s in miss]
     if src == "torchvision":
         cls = (d.get("torchvision") or {}).get("cls")
+        if cls not in vs.TORCHVISION_LAYOUT:
+            return [f"data={name}: data.source=torchvision needs data.torchvision.cls, one of "
+                    f"{', '.join(vs.TORCHVISION_LAYOUT)} (got {cls!r}); {name} has no torchvision layout ({guide})"]
         p = _path_problem(path, f"the root of torchvision.datasets.{cls}")
         if p:
             return [f"data={name}: {p}; {vs.torchvision_message(cls, path or '<root>')}"]

@@ -153,7 +153,8 @@ def load_torchvision(spec: dict, root, make_tf):
     import torchvision.datasets as tvd
     name = spec.get("cls")
     if name not in _LABELS:
-        raise ValueError(f"data.torchvision.cls={name!r} is not supported; choose one of {sorted(_LABELS)}")
+        raise ValueError(f"data.source=torchvision needs data.torchvision.cls, one of {', '.join(sorted(_LABELS))} "
+                         f"(got {name!r}; a dataset without a torchvision class has no torchvision layout)")
     cls = getattr(tvd, name)
     built = {}
     for split in ("train", "val", "test"):
