@@ -157,12 +157,14 @@ def _check_causal_lm(name, cfg):
         assert total == expected_total and round(total / 1e9, 3 if rounded < 1e9 else 2) == rounded / 1e9
 
 
-def test_transformers_floor_accepts_the_dtype_argument():
-    """``from_pretrained(..., dtype=)`` (randlora/models/llama.py) exists from transformers 4.56.0; before, the
-    argument was not the dtype and the model loaded in float32."""
+def test_dependency_floors_have_what_the_loaders_use():
+    """``from_pretrained(..., dtype=)`` (randlora/models/llama.py) exists from transformers 4.56.0 (before, the
+    argument was not the dtype and the model loaded in float32); open_clip's tags publish ``quick_gelu`` from
+    2.29.0 (checked on both routes by randlora/models/clip.py)."""
     text = (ROOT / "pyproject.toml").read_text()
-    floor = re.search(r'"transformers>=([0-9.]+)"', text).group(1)
-    assert tuple(int(x) for x in floor.split(".")) >= (4, 56)
+    for package, least in (("transformers", (4, 56)), ("open_clip_torch", (2, 29))):
+        floor = re.search(rf'"{package}>=([0-9.]+)"', text).group(1)
+        assert tuple(int(x) for x in floor.split(".")) >= least, package
 
 
 # ------------------------------------------------------------------ CLIP: QuickGELU on both routes
