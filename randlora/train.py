@@ -158,6 +158,7 @@ def run(cfg: DictConfig) -> dict:
     from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
+    from .sources import check_sources
     from .validate import effective_lr, validate_config
 
     out = output_dir(cfg)
@@ -177,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
     started = False
     try:
         validate_config(cfg)  # cheap checks first: nothing is built before they pass
+        check_sources(cfg)  # every unreadable source of the job in one message, before any download
         with open_dict(cfg):
             cfg.optim.lr = float(effective_lr(cfg))
         ckpt = resolve_resume(cfg)

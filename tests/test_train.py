@@ -277,7 +277,7 @@ def test_ddp_evaluation_loss_is_the_mean_over_every_sample(tmp_path):
     (["adapter=dora_nope"], "Could not find 'adapter/dora_nope'"),
     (["adapter.r=0"], "r must be a positive integer"),
     (["data.shots=0"], "must be a positive integer (images per class)"),  # k above a class's size uses all (paper)
-    (["model=clip_vitb32", "data=digits"], "could not load open_clip weights"),
+    (["model=clip_vitb32", "data=digits"], "weights of clip_vitb32 (open_clip ViT-B-32 tag 'openai'"),
 ])
 def test_bad_input_one_clear_message(args, msg, tmp_path):
     out = train_cli([*args, "trainer=cpu", f"hydra.run.dir={tmp_path}"], timeout=300)
