@@ -546,8 +546,14 @@ def test_source_problems_lists_every_missing_source_with_its_fix(tmp_path, monke
     assert "split_zhou_UCF101.json" in problems["ucf101"][0] and "data.path is not set" in problems["imagenet"][0]
     assert all(len(p) == 1 for p in problems.values())
     assert source_problems(cfgs["food101"], Hub(True)) == []
-    # a hub copy already in the local cache is fine offline
+    # a hub snapshot alone is not enough offline (datasets reads only its prepared cache) ...
     (tmp_path / "hub" / "datasets--ethz--food101" / "snapshots" / "abc").mkdir(parents=True)
+    assert "not in the local Hugging Face cache" in source_problems(cfgs["food101"], down)[0]
+    # ... a prepared copy in the datasets cache, in the layout datasets writes, is
+    import datasets
+    from tests.hf_cache import write_hub_dataset
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    write_hub_dataset(tmp_path / "datasets", "ethz/food101", {"train": [{"label": 0}], "validation": [{"label": 0}]})
     assert source_problems(cfgs["food101"], down) == []
     # a torchvision root without the class's files, a file as data.path, a layout missing its split file
     (tmp_path / "root").mkdir()

@@ -224,20 +224,16 @@ def hub_offline(enabled: bool):
 
 
 def hub_cached(hub_id: str) -> bool:
-    """Whether ``hub_id`` has files in the local Hugging Face caches (hub snapshot or datasets cache),
-    i.e. whether an offline ``load_dataset`` can find it. Looks at folder names only."""
-    import glob
-
-    import datasets
-    import huggingface_hub.constants as hc
-    owner_name = hub_id.split("/")
-    snap = os.path.join(hc.HF_HUB_CACHE, "datasets--" + "--".join(owner_name), "snapshots")
-    if os.path.isdir(snap) and os.listdir(snap):
+    """Whether an offline ``datasets.load_dataset(hub_id)`` finds a prepared copy in the datasets cache
+    (``HF_DATASETS_CACHE``), asked the way ``datasets`` itself looks it up. A hub snapshot alone does not
+    count: datasets 5.2 offline reads only its own prepared cache."""
+    try:
+        from datasets import config
+        from datasets.load import CachedDatasetModuleFactory
+        CachedDatasetModuleFactory(hub_id, cache_dir=str(config.HF_DATASETS_CACHE)).get_module()
         return True
-    from datasets.naming import camelcase_to_snakecase
-    parts = owner_name[:-1] + [camelcase_to_snakecase(owner_name[-1])]
-    root = os.path.join(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)), "___".join(parts))
-    return any(os.path.isdir(p) for p in glob.glob(os.path.join(root, "*", "*", "*")))
+    except Exception:  # noqa: BLE001 - not cached (or not a dataset id at all)
+        return False
 
 
 # ---------------------------------------------------------------------------------- datamodule
