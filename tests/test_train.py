@@ -351,7 +351,7 @@ def test_hf_save_to_disk_and_image_folder_sources(tmp_path):
 def test_hub_dataset_offline_message(tmp_path):
     cfg = compose_cfg(["model=tiny_vit", "data=food101", *FAST], tmp_path)
     from randlora.models import SourceUnavailableError
-    with pytest.raises(SourceUnavailableError, match=r"could not load dataset food101 from 'ethz/food101'.*data.path="):
+    with pytest.raises(SourceUnavailableError, match=r"data=food101: hub dataset 'ethz/food101' is not in the local Hugging Face cache.*data.path="):
         run(cfg)
 
 

@@ -606,7 +606,8 @@ def source_problems(data_cfg, hub) -> list[str]:
         hub_id = d.get("hub_id")
         if not hub_id:
             return [f"data={name}: needs data.hub_id=<hub id> or data.path=<local copy> ({guide})"]
-        if getattr(hub, "online", False) or hub_cached(hub_id):
+        # load_dataset also takes a local folder in the hub's layout as its id
+        if getattr(hub, "online", False) or os.path.isdir(hub_id) or hub_cached(hub_id):
             return []
         why = getattr(hub, "reason", None) or "offline"
         config = f", {d['hub_config']!r}" if d.get("hub_config") else ""
