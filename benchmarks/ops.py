@@ -4,7 +4,7 @@
     python -m benchmarks.ops --models vit --methods lora,vera-same-r --dtype fp32
 
 At ViT-B / CLIP B/32 sizes a bf16 step on an H100 is launch-bound (CLIP b128: 34 ms of GPU time in
-a 90 ms step, benchmarks/RESULTS.md section 0): the host dispatches one operator after another and
+a 90 ms step, benchmarks/RESULTS.md section 1): the host dispatches one operator after another and
 the GPU waits. There the step time follows the number of operators each adapted layer runs, not its
 FLOPs. This tool counts them with a ``TorchDispatchMode`` during one training step of every
 configuration of ``benchmarks.run`` (same builders, budgets and targets, tiny widths: an operator

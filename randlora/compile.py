@@ -1,7 +1,7 @@
 """``torch.compile`` for adapted models, by region.
 
 At ViT-B / CLIP sizes a bf16 training step on a fast GPU is bound by the host issuing kernels, not
-by arithmetic (benchmarks/RESULTS.md, sections 0.1 and 0.5): every small operator an adapter adds
+by arithmetic (benchmarks/RESULTS.md, sections 1 and 5): every small operator an adapter adds
 costs its launch. Compiling fuses those operators (casts, scalings, the adapter's elementwise work
 around its GEMMs) and removes the Python time between them.
 

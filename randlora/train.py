@@ -100,6 +100,7 @@ def build_datamodule(cfg):
     d["image_size"] = cfg.model.get("image_size") or d["image_size"]
     d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
     d["order_seed"] = int(cfg.seed)
+    d["require_class_names"] = kind == "clip"  # CLIP scores class names: unnamed labels refused before the model
     return ImageDataModule(**d)
 
 
@@ -113,7 +114,8 @@ def build_task(cfg, bundle, dm):
     if bundle.kind == "clip" and kind == "clip":
         from .tasks.clip import ClipTask
         return ClipTask(bundle, dm.class_names, cfg.adapter, optim, prompt=cfg.task.prompt, loss=cfg.task.loss,
-                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower)
+                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower,
+                        templates=dm.templates, head=cfg.task.get("head", "auto"))
     if bundle.kind == "causal_lm" and kind == "causal_lm":
         from .tasks.causal_lm import CausalLMTask
         return CausalLMTask(bundle, cfg.adapter, optim, cfg.task)
@@ -156,6 +158,7 @@ def run(cfg: DictConfig) -> dict:
     from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
+    from .sources import check_sources
     from .validate import effective_lr, validate_config
 
     out = output_dir(cfg)
@@ -175,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
     started = False
     try:
         validate_config(cfg)  # cheap checks first: nothing is built before they pass
+        check_sources(cfg)  # every unreadable source of the job in one message, before any download
         with open_dict(cfg):
             cfg.optim.lr = float(effective_lr(cfg))
         ckpt = resolve_resume(cfg)
@@ -192,6 +196,7 @@ def run(cfg: DictConfig) -> dict:
         results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
         results["params"] = task.parameter_summary()
+        results["data"] = dm.sampling_summary() if hasattr(dm, "sampling_summary") else {}
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)

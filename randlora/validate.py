@@ -22,7 +22,8 @@ from .adapters import METHODS, resolve_options
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine")
-SOURCES = ("digits", "synthetic", "hf", "imagefolder", "instructions")
+SOURCES = ("digits", "synthetic", "hf", "imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011",
+           "voc2007_crops", "instructions")
 FAMILIES = ("timm", "open_clip", "hf_causal_lm")
 TASKS = ("classification", "clip", "causal_lm")
 FRAMEWORK_KEYS = {"method", "budget", "lr", "lr_by_task", "weight_decay", "target_modules", "trainable_modules", "name"}
@@ -303,8 +304,13 @@ def _check_data(cfg) -> None:
                              + ("; e.g. data.source=imagefolder for a folder of class folders)" if key == "path" else ")"))
     if src == "hf" and not (d.get("hub_id") or d.get("path")):
         raise ValueError(f"dataset {d.name!r} needs data.hub_id=<hub id> or data.path=<local folder>")
-    if src == "imagefolder" and not d.get("path"):
-        raise ValueError("data.source=imagefolder needs data.path=<folder with train/ and test/ class folders>")
+    if src in ("imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011", "voc2007_crops") and not d.get("path"):
+        raise ValueError(f"data={d.name} reads a local copy (data.source={src}): set data.path=<folder>; "
+                         "docs/datasets.md gives the layout and where to get it")
+    vf = d.get("val_fraction")
+    if vf is not None and not (_num(vf) and 0 < vf < 1):
+        raise ValueError(f"data.val_fraction={vf!r} must be in (0, 1): the share of the training split held out for "
+                         "validation (val/acc, the Optuna objective)")
     shots = d.get("shots")
     if shots is not None and not (_int(shots) and shots > 0):
         raise ValueError(f"data.shots={shots!r} must be a positive integer (images per class) or null")

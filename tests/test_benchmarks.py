@@ -1,5 +1,14 @@
-"""The benchmark harness in its smallest configuration (tiny models, 2 timed steps, in-process)."""
+"""The benchmark harness in its smallest configuration (tiny models, 2 timed steps, in-process), and
+the results page (benchmarks/RESULTS.md) against the files and commands it cites."""
+import argparse
+import fnmatch
+import glob
+import importlib
+import importlib.util
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +201,115 @@ def test_ddp_benchmark_two_ranks_skip_the_bases(tmp_path):
     assert rows["randlora, constants skipped"]["bytes"] == 0
     assert all(len(r["times"]) == 1 and r["times"][0] > 0 for r in rows.values())
     assert "no longer broadcast per step" in out.read_text()
+
+
+# ---- benchmarks/RESULTS.md stays a results page -------------------------------------------------------
+# It holds the current numbers with the file, commit and command behind each; the history lives in
+# benchmarks/ARCHIVE.md and superseded raw files in benchmarks/results/archive/. These checks keep a
+# reader's copy-paste working: every file the pages cite exists, every command they show parses.
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+RAW_PATH = re.compile(r"results/[\w.*/-]*")
+BENCH_CMD = re.compile(r"python -m benchmarks\.(\w+)([^`\n]*)")
+GPU_STAGES = re.compile(r"bash benchmarks/gpu_session\.sh ([^`\n]*)")
+
+
+class _Parsed(Exception):
+    """Raised in place of running a benchmark once its argument parser accepted the command."""
+
+
+def _cited_paths(text: str) -> set[str]:
+    """``results/...`` paths a page cites, relative to benchmarks/ ('a.md/.json' cites both files)."""
+    out = set()
+    for m in RAW_PATH.findall(text):
+        m = m.rstrip(".")
+        pair = re.fullmatch(r"(.*)\.(\w+)/\.(\w+)", m)
+        out.update([f"{pair[1]}.{pair[2]}", f"{pair[1]}.{pair[3]}"] if pair else [m])
+    return out
+
+
+def _exists(rel: str) -> bool:
+    return bool(glob.glob(str(BENCH_DIR / rel))) if "*" in rel else (BENCH_DIR / rel).exists()
+
+
+def _accepts(module: str, argv: list[str], monkeypatch) -> None:
+    """Run ``benchmarks.<module>``'s own argument parser on ``argv`` (as ``python -m`` would hand it
+    over), stopping right after parsing: no benchmark runs."""
+    assert importlib.util.find_spec(f"benchmarks.{module}"), f"RESULTS.md names a missing benchmarks.{module}"
+    mod = importlib.import_module(f"benchmarks.{module}")
+    src = Path(mod.__file__).read_text()
+    assert 'if __name__ == "__main__":' in src, f"`python -m benchmarks.{module}` does nothing: no __main__ block"
+    if "ArgumentParser" not in src:  # positional words only (probe_fw_memory's adapter names)
+        assert not any(a.startswith("-") for a in argv), f"benchmarks.{module} takes no options, shown {argv}"
+        return
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real(self, args, namespace)  # an unknown option or a bad value exits here (status 2)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    try:
+        mod.main(argv)
+    except _Parsed:
+        pass
+    except SystemExit as e:
+        pytest.fail(f"benchmarks/RESULTS.md shows `python -m benchmarks.{module} {shlex.join(argv)}`, which its "
+                    f"parser refuses (exit {e.code}): fix the command on the page")
+    else:
+        pytest.fail(f"benchmarks.{module}.main never parsed its arguments")
+    finally:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
+
+
+def test_results_page_is_short_and_its_files_and_commands_are_real(monkeypatch):
+    text = (BENCH_DIR / "RESULTS.md").read_text()
+    n = len(text.splitlines())
+    assert n <= 160, (f"benchmarks/RESULTS.md has {n} lines: keep current numbers there (~150 lines) and move "
+                      "history and superseded runs to benchmarks/ARCHIVE.md")
+    for page in ("RESULTS.md", "ARCHIVE.md"):
+        missing = sorted(p for p in _cited_paths((BENCH_DIR / page).read_text()) if not _exists(p))
+        assert not missing, f"benchmarks/{page} cites raw files that do not exist: {missing}"
+    commands = BENCH_CMD.findall(text)
+    assert len(commands) >= 8, commands  # every benchmark section names its command
+    for module, rest in commands:
+        _accepts(module, shlex.split(rest), monkeypatch)
+    stages = set(re.findall(r"^\s+([a-z][a-z0-9|-]*)\)", (BENCH_DIR / "gpu_session.sh").read_text(), re.M))
+    stages = {s for label in stages for s in label.split("|")}
+    for words in GPU_STAGES.findall(text):
+        shown = [w for w in shlex.split(words) if not w.startswith(("<", "..."))]
+        assert set(shown) <= stages, f"gpu_session.sh has no stage {sorted(set(shown) - stages)}: {sorted(stages)}"
+
+
+def test_every_raw_result_file_is_cited_current_ones_by_the_results_page(monkeypatch):
+    """A raw file under results/ is a current result that RESULTS.md cites; a superseded one lives in
+    results/archive/ and is cited by ARCHIVE.md or RESULTS.md; a .json is covered by its .md twin.
+    The scripts' default outputs are current files."""
+    results = _cited_paths((BENCH_DIR / "RESULTS.md").read_text())
+    archive = _cited_paths((BENCH_DIR / "ARCHIVE.md").read_text())
+
+    def cited(rel: str, pages: set[str]) -> bool:
+        twin = rel[:-5] + ".md" if rel.endswith(".json") else rel
+        return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(twin, p) for p in pages)
+
+    files = sorted(str(p.relative_to(BENCH_DIR)) for p in (BENCH_DIR / "results").rglob("*") if p.is_file())
+    current = [f for f in files if not f.startswith("results/archive/")]
+    uncited = [f for f in current if not cited(f, results)]
+    assert not uncited, f"RESULTS.md does not cite {uncited}: cite them, or git mv them to results/archive/"
+    stale = [f for f in files if f.startswith("results/archive/") and not cited(f, results | archive)]
+    assert not stale, f"archived raw results that neither page cites: {stale}"
+    for module in ("run", "layer", "ops", "attn_path", "ddp", "sparse_bases"):
+        seen = {}
+        real = argparse.ArgumentParser.parse_args
+
+        def keep_defaults(self, args=None, namespace=None):
+            seen["out"] = real(self, [], namespace).out
+            raise _Parsed
+
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep_defaults)
+        with pytest.raises(_Parsed):
+            importlib.import_module(f"benchmarks.{module}").main([])
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
+        out = seen["out"].removeprefix("benchmarks/")
+        assert out.startswith("results/") and not out.startswith("results/archive/") and out in results, \
+            f"benchmarks.{module} writes {seen['out']} by default, which is not a current file of RESULTS.md"
