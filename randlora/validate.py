@@ -33,7 +33,8 @@ EXTRA_KEYS = {"model": {"mean", "std"}}
 # subtrees whose keys are free-form (passed on as keyword arguments or a user's mapping), or checked
 # against the method's / compiler's own options further down (adapter: resolve_options; compile:
 # randlora.compile.normalise_options, which name the bad option with the method's context)
-FREE_FORM = {"model.kwargs", "model.tiny", "data.test_sources", "data.class_names", "adapter", "compile", "tags"}
+FREE_FORM = {"model.kwargs", "model.tiny", "data.test_sources", "data.class_names", "data.torchvision",
+             "data.expected_sizes", "adapter", "compile", "tags"}
 # Trainer arguments randlora passes itself (randlora/train.py run): set through other config keys
 FRAMEWORK_TRAINER_ARGS = {"logger": "logger=csv|wandb|tensorboard|all", "callbacks": "callbacks.*",
                           "plugins": "nothing (checkpoints are written atomically by randlora)",
@@ -51,9 +52,10 @@ STRATEGIES_REFUSED = {
 # where the data comes from: keys read by some sources only. Given (not null) to another source they
 # would be ignored, and the run would train on other data than the user asked for.
 SOURCE_ONLY_KEYS = {
-    "path": ("hf", "imagefolder", "instructions"),
+    "path": ("hf", "imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011", "voc2007_crops", "instructions"),
     "hub_id": ("hf",),
     "hub_config": ("hf",),
+    "hub_revision": ("hf",),
     "synthetic": ("synthetic",),
     "train_file": ("instructions",),
     "train_source": ("instructions",),
@@ -297,11 +299,15 @@ def _check_data(cfg) -> None:
         raise ValueError(f"data.source={src!r} is unknown; choose one of {list(SOURCES)}")
     for key, readers in SOURCE_ONLY_KEYS.items():
         v = d.get(key)
-        if v not in (None, {}, []) and src not in readers:
-            raise ValueError(f"data.{key}={v!r} is not read by data.source={src} (dataset {d.get('name')!r}), so "
-                             f"the run would ignore it; drop data.{key}, or pick a dataset whose source reads it "
-                             f"(data.source={' / '.join(readers)}"
-                             + ("; e.g. data.source=imagefolder for a folder of class folders)" if key == "path" else ")"))
+        if v in (None, {}, []) or src in readers:
+            continue
+        if key == "path" and src in ("digits", "synthetic"):  # the loader's wording (randlora/data/images.py)
+            raise ValueError(f"data.source={src} generates its images and does not read data.path={v!r}, so the run "
+                             "would ignore it; drop data.path, or choose a source that reads it (e.g. "
+                             "data.source=imagefolder for a folder of class folders; hf, torchvision, ...)")
+        raise ValueError(f"data.{key}={v!r} is not read by data.source={src} (dataset {d.get('name')!r}), so the "
+                         f"run would ignore it; drop data.{key}, or pick a dataset whose source reads it "
+                         f"(data.source={' / '.join(readers)})")
     if src == "hf" and not (d.get("hub_id") or d.get("path")):
         raise ValueError(f"dataset {d.name!r} needs data.hub_id=<hub id> or data.path=<local folder>")
     if src in ("imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011", "voc2007_crops") and not d.get("path"):
@@ -317,10 +323,6 @@ def _check_data(cfg) -> None:
     frac = d.get("fraction", 1.0)
     if not (_num(frac) and 0 < frac <= 1):
         raise ValueError(f"data.fraction={frac!r} must be in (0, 1]")
-    vf = d.get("val_fraction", 0.0)
-    if vf is not None and not (_num(vf) and 0 <= vf < 1):
-        raise ValueError(f"data.val_fraction={vf!r} must be in [0, 1): it is the share of the training images "
-                         "held out for validation, and 1 leaves nothing to train on (e.g. 0.1)")
     bs = d.get("batch_size")
     if not (_int(bs) and bs > 0):
         raise ValueError(f"data.batch_size={bs!r} must be a positive integer")
