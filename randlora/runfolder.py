@@ -60,6 +60,10 @@ def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def hostname() -> str:
+    return socket.gethostname()
+
+
 # ------------------------------------------------------------------------------------ names
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -93,28 +97,6 @@ _HELD: dict[str, object] = {}
 
 def _lock_path(folder) -> Path:
     return Path(folder) / ".lock"
-
-
-def holder(folder) -> dict | None:
-    """{"pid", "host", "since"} of the process holding ``folder``'s lock, or None if it is free."""
-    import fcntl
-    p = _lock_path(folder)
-    if not p.exists():
-        return None
-    key = str(Path(folder).resolve())
-    if key in _HELD:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "since": None}
-    with open(p, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            try:
-                return json.loads(f.read() or "{}")
-            except ValueError:
-                return {"pid": "?"}
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return None
 
 
 def acquire(folder) -> None:

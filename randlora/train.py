@@ -238,7 +238,7 @@ def run(cfg: DictConfig) -> dict:
     started = False
     locked = False  # only the process holding the folder's lock writes into it
     attempt = {"started": rf.now(), "ended": None, "status": "running", "error": None, "pid": os.getpid(),
-               "host": __import__("socket").gethostname(), "command_overrides": overrides, "resumed_from": None}
+               "host": rf.hostname(), "command_overrides": overrides, "resumed_from": None}
     try:
         if rank0:
             checked = rf.is_held(out)  # by the Hydra callback, before Hydra wrote into the folder

@@ -403,6 +403,7 @@ def test_moved_base_weights_resume_other_weights_are_refused(tmp_path, interrupt
         "completed"
 
 
+@pytest.mark.slow
 def test_resume_writes_nothing_outside_its_folder_cli(tmp_path):
     """The resume's own Hydra config and log go to <run>/resumes/<time>/; the run's .hydra/ stays."""
     part = tmp_path / "run"
@@ -527,15 +528,29 @@ def _disk_full_after(monkeypatch, saves_ok: int, results_too: bool = False):
     return real_save
 
 
-def test_full_disk_leaves_a_failed_state_and_a_resumable_checkpoint(monkeypatch, tmp_path):
+@pytest.mark.parametrize("where", ["checkpoint", "adapter_file"])
+def test_full_disk_leaves_a_failed_state_and_a_resumable_checkpoint(where, monkeypatch, tmp_path):
+    """The disk fills during the second epoch's checkpoint, or while the adapter file is written at
+    the end (its temporary file was left behind)."""
+    import safetensors.torch
     part = tmp_path / "run"
-    real_save = _disk_full_after(monkeypatch, saves_ok=2)  # epoch 0: top-k + last; epoch 1 fails
+    if where == "checkpoint":
+        real_save = _disk_full_after(monkeypatch, saves_ok=2)  # epoch 0: top-k + last; epoch 1 fails
+        undo = lambda: monkeypatch.setattr(torch, "save", real_save)  # noqa: E731
+    else:
+        real_save_file = safetensors.torch.save_file
+
+        def full(tensors, filename, metadata=None):
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+        undo = lambda: monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)  # noqa: E731
     with pytest.raises(OSError):
         run(compose_cfg(BASE, part))
     r = results(part)
     assert r["status"] == "failed" and "No space left on device" in r["error"]
     assert not [p for p in part.rglob("*") if ".tmp-" in p.name]
-    monkeypatch.setattr(torch, "save", real_save)
+    undo()
     assert run(compose_cfg([*BASE, f"resume={part}"], tmp_path / "x"))["status"] == "completed"
 
 
