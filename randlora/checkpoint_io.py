@@ -83,8 +83,17 @@ def verify(checkpoint: dict, path) -> None:
                               "state) do not match their checksum; it was not loaded")
 
 
+_VERIFIED: set = set()  # files verified by this process, by (path, inode, size, mtime): not hashed twice
+
+
+def _file_key(path):
+    st = os.stat(path)
+    return (os.path.abspath(str(path)), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_checkpoint_file(path, map_location="cpu", check: bool = True) -> dict:
-    """A checkpoint loaded weights-only (no code runs) and verified against its checksums."""
+    """A checkpoint loaded weights-only (no code runs) and verified against its checksums (once per
+    process and file version: run() verifies the file before Lightning loads it again)."""
     import pickle
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=True, mmap=True)
@@ -104,7 +113,10 @@ def load_checkpoint_file(path, map_location="cpu", check: bool = True) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} is a {type(ckpt).__name__}, not a Lightning checkpoint dict")
     if check:
-        verify(ckpt, path)
+        key = _file_key(path)
+        if key not in _VERIFIED:
+            verify(ckpt, path)
+            _VERIFIED.add(key)
     return ckpt
 
 

@@ -286,8 +286,9 @@ def run(cfg: DictConfig) -> dict:
             task.check_checkpoint(state)
             if not cfg.train:  # evaluation only: the checkpoint's trained tensors are the model to test
                 task.load_trained_tensors(state)
-        resume_step = None if state is None or not cfg.train else int(state.get("global_step", 0))
-        resume_epoch = None if state is None else (resumed.get("epoch") if resumed else None)
+        # a resume in the run's own folder keeps that folder's earlier metrics rows (runfolder.make_csv_writer)
+        resume_step = int(state.get("global_step", 0)) if state is not None and cfg.train and resuming_dir else None
+        resume_epoch = resumed.get("epoch") if resume_step is not None else None
         del state
         results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
