@@ -447,6 +447,11 @@ def _record_failure(cfg, hc, results_path: Path, cause: str, returncode: int | N
     record.update(status="failed", error=cause,
                   exit={"returncode": returncode, "signal": -returncode if signalled else None,
                         "after_s": round(time.monotonic() - t0, 1)})
+    attempts = record.get("attempts")
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict) \
+            and attempts[-1].get("status") == "running":  # the attempt the job could not close itself
+        from .runfolder import now
+        attempts[-1].update(status="failed", error=cause, ended=now())
     try:
         write_json_atomic(results_path, record)
     except OSError as e:  # a full disk: say so, the sweep goes on

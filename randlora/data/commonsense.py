@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..models import SourceUnavailableError, offline_message
-from .images import EpochSeededSampler
+from .samplers import EpochSeededSampler
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "commonsense_tiny"
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..models import SourceUnavailableError, offline_message
 from . import classnames as curated
 from . import vision_sources as vs
+from .samplers import EpochSeededSampler
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LOCAL_LAYOUTS = tuple(vs.LAYOUTS)
@@ -176,24 +177,6 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int):
         val += idx[:k].tolist()
         train += idx[k:].tolist()
     return sorted(train), sorted(val)
-
-
-class EpochSeededSampler(torch.utils.data.Sampler):
-    """Shuffles with a permutation that depends only on (seed, epoch), so a resumed run replays
-    exactly the data order of an uninterrupted one (Lightning calls ``set_epoch``)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self):
-        return self.n
 
 
 # ------------------------------------------------------------------------------- hub / offline
