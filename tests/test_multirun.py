@@ -94,7 +94,10 @@ def test_killed_job_is_recorded_and_the_sweep_goes_on(tmp_path, forks):
     sweep, jobs, res = _sweep(tmp_path)
     assert [r["status"] for r in res] == ["failed", "completed"]
     assert res[0]["error"].startswith("killed by signal 9 (SIGKILL)")
-    assert res[0]["exit"]["signal"] == 9 and "callbacks.kill_at_step=1" in res[0]["overrides"]
+    assert res[0]["exit"]["signal"] == 9
+    last = res[0]["attempts"][-1]
+    assert "callbacks.kill_at_step=1" in last["command_overrides"]
+    assert last["status"] == "failed" and last["error"] == res[0]["error"] and last["ended"]
     assert (jobs[0] / ".hydra" / "overrides.yaml").is_file()
     assert f"sweep folder  {sweep}" in out.stdout
     assert f"report        python -m randlora.report {sweep}" in out.stdout
