@@ -411,7 +411,8 @@ def _compile(cfg, task, verbose: bool = True) -> dict:
 
 
 def _release_memory() -> None:
-    """Free a finished job's tensors before the next job of a multirun (same process). Called by
+    """Free a finished job's tensors before the next job of a multirun run in the same process (a
+    launcher such as submitit's local one, or RANDLORA_INPROCESS_JOBS=1). Called by
     ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
     Lightning's trainer <-> module references form a cycle that only a collection breaks."""
     import gc
@@ -428,9 +429,12 @@ RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budg
 def _to_wandb(loggers, results: dict) -> None:
     """Put the results.json fields into the W&B run (config + summary) so reports can pull them."""
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             run = lg.experiment
+            if isinstance(run, DummyExperiment):  # DDP ranks other than 0 have no W&B run
+                continue
             run.config.update({k: results.get(k) for k in RUN_FIELDS if k != "status"}, allow_val_change=True)
             summary = {"status": results["status"], **{f"params/{k}": v for k, v in results["params"].items()},
                        **results["metrics"], **{f"perf/{k}": v for k, v in results["perf"].items()}}
@@ -492,6 +496,9 @@ def is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig):
+    from .launch import run_job_in_child, should_isolate
+    if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/launch.py)
+        return run_job_in_child(cfg)
     from .models import SourceUnavailableError
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
     message = None
@@ -521,4 +528,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from randlora.launch import await_job
+    await_job()  # in a local multirun's fork server: returns in each forked job (randlora/launch.py)
     main()
