@@ -192,6 +192,26 @@ class AdapterFSDPStrategy(FSDPStrategy):
             _setup_activation_checkpointing(self._root, self._activation_checkpointing_kwargs)
         return self._root
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Lightning's FSDP load of a full checkpoint unpickles it with a full unpickler
+        (``_lazy_load``), which runs any code pickled in the file: read it weights-only, with its
+        checksums verified, instead (randlora/checkpoint_io.py). Folders of sharded checkpoints
+        are never written by randlora and are refused."""
+        from pathlib import Path
+
+        import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+        from .checkpoint_io import CheckpointError, load_checkpoint_file
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} is not a file (randlora writes whole-tensor checkpoint files)")
+        lazy = lightning_fsdp._lazy_load
+        lightning_fsdp._lazy_load = load_checkpoint_file
+        try:
+            return super().load_checkpoint(path, weights_only=True)
+        finally:
+            lightning_fsdp._lazy_load = lazy
+
     def place_replicated(self, device) -> None:
         """Move the parameters FSDP leaves out (``ignored_states``) to ``device``, in place."""
         for p in self.kwargs.get("ignored_states", ()):

@@ -1,44 +1,174 @@
-"""Loggers from the ``logger`` config group. W&B falls back to offline mode (never a crash) when
-there is no API key or no network, and says how to sync later."""
+"""Loggers from the ``logger`` config group.
+
+W&B can neither fail a run nor hold it up for long, whatever the mode, API key or server:
+
+1. ``WANDB_MODE`` set to something wandb does not accept (an empty string, a typo) is ignored with a
+   note; wandb itself would stop the run with a validation traceback.
+2. Online logging is tried only with credentials for the server wandb will actually use (its own
+   settings: ``WANDB_BASE_URL``, the settings files, its default host), and only when that server answers
+   an HTTP request within ``logger.wandb.probe_timeout`` seconds. Without network, DNS or an answer, the
+   run logs offline at once (an unanswered ``wandb.init`` would wait ~100 s, then fail the run).
+3. ``wandb.init`` runs here, before training, with ``init_timeout`` (and the same login timeout). If it
+   fails online, the run logs offline; if offline fails too (an unwritable ``wandb/`` folder), the run
+   goes on without W&B. Each fall-back prints one line; CSV metrics are written in every case.
+4. ``finish_timeout`` bounds the upload at the end of an online run; what is not uploaded stays in
+   ``<run dir>/wandb/`` for ``wandb sync``.
+
+Worst case before training starts: about probe_timeout + init_timeout + 10 s (wandb's own grace period),
+only when a server answers the probe and then stalls the run's creation; 0-3 s in the usual offline cases.
+"""
 from __future__ import annotations
 
 import os
-import socket
+import sys
+import threading
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
-
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-        return bool(auth and auth[2])
-    except Exception:
-        return False
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
-def wandb_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _note(text: str) -> None:
+    print(f"[randlora] {text}", file=sys.stderr, flush=True)
 
 
-def resolve_wandb_mode(mode: str) -> tuple[str, str | None]:
-    """(mode, reason) where mode is online / offline / disabled."""
+def sanitize_wandb_mode_env() -> str | None:
+    """Drop a ``WANDB_MODE`` that wandb would refuse (wandb validates it when it loads its settings,
+    before any mode passed to ``wandb.init`` applies); the note to print, or None."""
     env = os.environ.get("WANDB_MODE")
-    if mode == "auto" and env:
+    if env is None or env in WANDB_MODES:
+        return None
+    os.environ.pop("WANDB_MODE")
+    return (f"W&B: WANDB_MODE={env!r} is not a W&B mode (online, offline, disabled) and is ignored; "
+            f"unset it or set one of those")
+
+
+def _settings():
+    """wandb's global settings, loaded from the current environment (what ``wandb.init`` will use)."""
+    from wandb.sdk import wandb_setup
+    wl = wandb_setup.singleton()
+    if wl.settings_if_loaded is not None and wl.did_environment_change() and not wandb_run_active():
+        # settings loaded under another environment earlier in this process (a previous job of an
+        # in-process sweep, a test): wandb would ignore the change, so start from the current one
+        import wandb
+        wandb.teardown()
+        wl = wandb_setup.singleton()
+    return wl.settings
+
+
+def wandb_run_active() -> bool:
+    import wandb
+    return wandb.run is not None
+
+
+def wandb_base_url() -> str:
+    """The server wandb will talk to (``WANDB_BASE_URL``, the settings files or wandb's default)."""
+    try:
+        return str(_settings().base_url)
+    except Exception:  # noqa: BLE001 - settings that do not load: the variable, else wandb's default
+        try:
+            from wandb.sdk.lib.urls import DEFAULT_BASE_URL as default
+        except Exception:  # noqa: BLE001
+            default = DEFAULT_BASE_URL
+        return os.environ.get("WANDB_BASE_URL") or default
+
+
+def wandb_has_credentials(base_url: str | None = None) -> bool:
+    """An API key (or identity token) wandb would use for ``base_url``: the environment, ``~/.netrc``
+    for that host, or the settings."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    url = base_url or wandb_base_url()
+    try:
+        from wandb.sdk.lib.wbauth import wbnetrc
+        if wbnetrc.read_netrc_auth(host=url):
+            return True
+    except Exception:  # noqa: BLE001 - fall back to reading ~/.netrc for the host
+        try:
+            import netrc
+            auth = netrc.netrc().authenticators(urlsplit(url).netloc or url)
+            if auth and auth[2]:
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        return bool(_settings().api_key)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def probe_server(url: str, timeout: float = 3.0) -> str | None:
+    """None when the server at ``url`` answers an HTTP request within ``timeout`` seconds, else why
+    not. Any HTTP status below 500 counts as an answer. The request runs in a thread so that a slow
+    DNS lookup (which socket timeouts do not cover) is bounded too."""
+    import urllib.error
+    import urllib.request
+
+    result: dict = {}
+
+    def ask():
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=timeout) as r:
+                result["status"] = r.status
+        except urllib.error.HTTPError as e:
+            result["status"] = e.code
+        except Exception as e:  # noqa: BLE001 - any failure means: not reachable
+            result["error"] = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+    t = threading.Thread(target=ask, daemon=True, name="randlora-wandb-probe")
+    t.start()
+    t.join(timeout + 0.5)
+    if "status" in result:
+        return None if result["status"] < 500 else f"it answered HTTP {result['status']}"
+    return result.get("error") or f"no answer within {timeout:g} s"
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    return probe_server(url, timeout) is None
+
+
+def resolve_wandb_mode(mode: str, probe_timeout: float = 3.0) -> tuple[str, str | None]:
+    """(mode, reason) where mode is online / offline / disabled; the reason says why not online."""
+    env = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env in WANDB_MODES:
         mode = env
-    if mode in ("offline", "disabled", "dryrun"):
-        return ("offline" if mode == "dryrun" else mode), None
-    if not wandb_has_credentials():
-        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    if mode == "auto" and not wandb_reachable():
-        return "offline", "api.wandb.ai is not reachable"
+    if mode in ("offline", "dryrun"):
+        return "offline", None
+    if mode == "disabled":
+        return "disabled", None
+    url = wandb_base_url()
+    if not wandb_has_credentials(url):
+        return "offline", f"no W&B API key for {url} (set WANDB_API_KEY or run `wandb login`)"
+    why = probe_server(url, probe_timeout)
+    if why is not None:
+        return "offline", f"the W&B server {url} is not reachable ({why})"
     return "online", None
+
+
+def init_wandb(mode: str, init: dict, timeouts: dict) -> tuple[object | None, str | None]:
+    """``wandb.init`` in ``mode`` (online / offline), falling back to offline, then to no W&B.
+    Returns (the run or None, why it is not online or None); prints one line per fall-back."""
+    import wandb
+    settings = {"init_timeout": float(timeouts.get("init_timeout") or 10),
+                "login_timeout": float(timeouts.get("init_timeout") or 10),
+                "finish_timeout": float(timeouts.get("finish_timeout") or 30)}
+    why = None
+    for m in (["online", "offline"] if mode == "online" else ["offline"]):
+        try:
+            return wandb.init(mode=m, settings=wandb.Settings(**settings), **init), why
+        except Exception as e:  # noqa: BLE001 - any wandb failure: fall back, never fail the run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"wandb.init ({m}) failed: {type(e).__name__}: {first}"[:400]
+            try:
+                if wandb.run is not None:
+                    wandb.run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+            _note(f"W&B: {why}; " + ("logging offline instead" if m == "online" else
+                                     "this run does not log to W&B (metrics are in the csv/ folder)"))
+    return None, why
 
 
 def run_tags(cfg, r=None) -> list[str]:
@@ -59,6 +189,9 @@ def default_group(cfg) -> str | None:
     """The sweep's name: ``group`` if set, else the multirun folder, so a sweep's jobs group together."""
     if cfg.get("group"):
         return str(cfg.group)
+    sweep = os.environ.get("RANDLORA_SWEEP_DIR")  # a job of a local multirun, run in its own process
+    if sweep:
+        return os.path.basename(sweep.rstrip("/"))
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -68,6 +201,11 @@ def default_group(cfg) -> str | None:
     except Exception:
         pass
     return None
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def build_loggers(cfg, out_dir: str, run_name: str, r=None):
@@ -80,23 +218,38 @@ def build_loggers(cfg, out_dir: str, run_name: str, r=None):
     if "tensorboard" in lcfg:
         loggers.append(TensorBoardLogger(save_dir=out_dir, name="tensorboard", version=""))
     if "wandb" in lcfg:
-        w = dict(lcfg["wandb"])
-        mode, why = resolve_wandb_mode(w.pop("mode", "auto"))
+        w = dict(lcfg["wandb"] or {})
+        bad_env = sanitize_wandb_mode_env()
+        if bad_env and _is_rank_zero():
+            _note(bad_env)
+        mode, why = resolve_wandb_mode(w.pop("mode", "auto") or "auto", float(w.get("probe_timeout") or 3))
         if mode != "disabled":
-            if why:
-                notes.append(f"W&B: logging offline because {why}; sync later with `wandb sync {out_dir}/wandb/offline-run-*`")
+            init = dict(name=run_name, dir=out_dir, project=w.get("project"), entity=w.get("entity"),
+                        group=w.get("group") or default_group(cfg),
+                        tags=sorted(set(list(w.get("tags") or []) + run_tags(cfg, r))))
             os.makedirs(out_dir, exist_ok=True)
-            loggers.append(WandbLogger(name=run_name, save_dir=out_dir, offline=(mode == "offline"),
-                                       project=w.get("project"), entity=w.get("entity"),
-                                       group=w.get("group") or default_group(cfg),
-                                       tags=sorted(set(list(w.get("tags") or []) + run_tags(cfg, r)))))
+            if not _is_rank_zero():  # other ranks log nothing (WandbLogger gives them a dummy run)
+                loggers.append(WandbLogger(save_dir=out_dir, project=init["project"], offline=mode == "offline"))
+                return loggers, notes
+            if why:
+                _note(f"W&B: logging offline because {why}")
+            run, failed = init_wandb(mode, init, w)
+            if run is None:
+                notes.append(f"W&B: not logged ({failed}); the metrics are in {out_dir}/csv")
+            else:
+                offline = run.settings.mode in ("offline", "dryrun")
+                why = why or failed
+                if offline and why:
+                    notes.append(f"W&B: logging offline because {why}; sync later with "
+                                 f"`wandb sync {out_dir}/wandb/offline-run-*`")
+                loggers.append(WandbLogger(experiment=run, save_dir=out_dir, project=init["project"],
+                                           offline=offline))
     return loggers, notes
 
 
 def finish_wandb():
     """Close the W&B run of this job (one run per multirun job; never merged with the next)."""
     try:
-        import sys
         if "wandb" in sys.modules:
             import wandb
             if wandb.run is not None:

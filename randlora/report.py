@@ -199,6 +199,8 @@ def collect(folders: Iterable[str | os.PathLike]) -> list[dict]:
             if key in seen:
                 continue
             if RESULTS_FILE in filenames:
+                # a run's resumes/<time>/ folders hold each resume's own Hydra log and config, not jobs
+                dirnames[:] = [d for d in dirnames if d != "resumes"]
                 seen.add(key)
                 rows.append(_load_job(here / RESULTS_FILE, str(folder)))
             elif has_hydra:

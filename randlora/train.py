@@ -41,15 +41,33 @@ def bases_dtype_for(precision) -> str:
 OmegaConf.register_new_resolver("bases_dtype_for", bases_dtype_for, replace=True)
 
 
+def _register_run_folder_resolvers() -> None:
+    from .runfolder import resume_run_dir, safe_name_resolver
+    OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
+    OmegaConf.register_new_resolver("safe_name", safe_name_resolver, replace=True)
+
+
+_register_run_folder_resolvers()
+
+
 class UserError(Exception):
     """A problem with the request (config, weights, data): printed as one message, no traceback."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it over ``path``; on failure (a full disk) the
+    previous file stays and the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def _config_record(cfg) -> dict:
@@ -74,13 +92,27 @@ def output_dir(cfg) -> Path:
 
 
 def resolve_resume(cfg) -> str | None:
+    """The checkpoint to start from: for ``resume=<run folder>`` the newest complete checkpoint in its
+    ``checkpoints/`` (``last.ckpt``, or a newer top-k file when a kill came between the two saves);
+    ``resume=<file>`` or ``ckpt_path=<file>`` that file."""
     if cfg.get("resume"):
         run = Path(cfg.resume)
-        ckpt = run / "checkpoints" / "last.ckpt" if run.is_dir() else run
-        if not ckpt.is_file():
-            raise UserError(f"resume={cfg.resume}: no checkpoint at {ckpt} (a run folder must contain "
+        if run.is_dir():
+            from .checkpoint_io import newest_checkpoint, remove_stale_temporaries
+            remove_stale_temporaries(run / "checkpoints")
+            remove_stale_temporaries(run)
+            ckpt = newest_checkpoint(run / "checkpoints")
+            if ckpt is None:
+                raise UserError(f"resume={cfg.resume}: no checkpoint at {run / 'checkpoints' / 'last.ckpt'} (a run "
+                                "folder must contain checkpoints/last.ckpt)")
+            if ckpt.name != "last.ckpt":
+                print(f"[randlora] resuming from {ckpt.name}: the newest complete checkpoint of the run",
+                      file=sys.stderr, flush=True)
+            return str(ckpt)
+        if not run.is_file():
+            raise UserError(f"resume={cfg.resume}: no checkpoint at {run} (a run folder must contain "
                             "checkpoints/last.ckpt)")
-        return str(ckpt)
+        return str(run)
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).is_file():
             raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
@@ -100,6 +132,7 @@ def build_datamodule(cfg):
     d["image_size"] = cfg.model.get("image_size") or d["image_size"]
     d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
     d["order_seed"] = int(cfg.seed)
+    d["require_class_names"] = kind == "clip"  # CLIP scores class names: unnamed labels refused before the model
     return ImageDataModule(**d)
 
 
@@ -113,7 +146,8 @@ def build_task(cfg, bundle, dm):
     if bundle.kind == "clip" and kind == "clip":
         from .tasks.clip import ClipTask
         return ClipTask(bundle, dm.class_names, cfg.adapter, optim, prompt=cfg.task.prompt, loss=cfg.task.loss,
-                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower)
+                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower,
+                        templates=dm.templates, head=cfg.task.get("head", "auto"))
     if bundle.kind == "causal_lm" and kind == "causal_lm":
         from .tasks.causal_lm import CausalLMTask
         return CausalLMTask(bundle, cfg.adapter, optim, cfg.task)
@@ -147,15 +181,49 @@ def _world_size(t) -> int:
     return n * int(t.get("num_nodes", 1) or 1)
 
 
+def _run_summary_fields(cfg) -> dict:
+    return {"method": cfg.adapter.method, "model": cfg.model.name, "dataset": cfg.data.name, "task": cfg.task.kind,
+            "seed": int(cfg.seed), "r": cfg.adapter.get("r"), "budget": cfg.adapter.get("budget"),
+            "shots": cfg.data.get("shots"), "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group")}
+
+
+def _start_from_checkpoint(cfg, ckpt: str, out: Path):
+    """Load the checkpoint a run starts from (weights-only, checksums verified) and, for a resume,
+    the config the run continues with (its recorded settings; see ``runfolder.resume_config``).
+    Returns (cfg, checkpoint, run record, override list)."""
+    from . import runfolder as rf
+    from .checkpoint_io import load_checkpoint_file
+    state = load_checkpoint_file(ckpt)
+    record = state.get("randlora_run")
+    resuming = bool(cfg.get("resume")) or bool(cfg.train)
+    run_dir = _resume_dir(cfg)
+    previous = rf.read_results(run_dir / "results.json") if run_dir is not None else None
+    recorded_config = (record or {}).get("config") or (previous or {}).get("config")
+    recorded_overrides = rf.recorded_overrides(run_dir, record, previous)
+    current = rf.current_overrides()
+    overrides = [o for o in (current or []) if not rf.is_attempt(rf.override_key(o))]
+    if resuming and recorded_config:
+        cfg, overrides = rf.resume_config(cfg, recorded_config, recorded_overrides, current,
+                                          compose=rf.hydra_compose if current is not None else None)
+    elif resuming:
+        print(f"[randlora] warning: {ckpt} holds no record of its run's settings (written by an older randlora); "
+              "the settings, base model and dataset of this resume are not checked against it", file=sys.stderr,
+              flush=True)
+    return cfg, state, record, overrides
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return the results dict (also written to results.json)."""
     import lightning as L
     import torch
 
-    from .callbacks import AdapterCheckpoint, KillAtStep, NonFiniteGuard, PerfMonitor
+    from . import runfolder as rf
+    from .callbacks import (AdapterCheckpoint, ExactResume, KillAtStep, NonFiniteGuard, PerfMonitor,
+                            RunCheckpoint)
     from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
+    from .sources import check_sources
     from .validate import effective_lr, validate_config
 
     out = output_dir(cfg)
@@ -163,35 +231,76 @@ def run(cfg: DictConfig) -> dict:
     os.environ["RANDLORA_RUN_DIR"] = str(out)
     results_path = out / "results.json"
     overrides = _overrides()
-    results = {"status": "running", "error": None, "method": cfg.adapter.method, "model": cfg.model.name,
-               "dataset": cfg.data.name, "task": cfg.task.kind, "seed": int(cfg.seed), "r": cfg.adapter.get("r"),
-               "budget": cfg.adapter.get("budget"), "shots": cfg.data.get("shots"),
-               "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group"), "params": {}, "metrics": {},
+    results = {"status": "running", "error": None, **_run_summary_fields(cfg), "params": {}, "metrics": {},
                "perf": {}, "run_dir": str(out), "overrides": overrides,
                "config": _config_record(cfg)}
     # resume=<run dir> continues an earlier run in its own folder: until this attempt has passed its checks
     # and starts, a failure must leave that run's results.json as it was
-    continuing = _resume_dir(cfg) is not None and results_path.exists()
+    resuming_dir = _resume_dir(cfg) is not None
+    continuing = resuming_dir and results_path.exists()
     started = False
+    locked = False  # only the process holding the folder's lock writes into it
+    attempt = {"started": rf.now(), "ended": None, "status": "running", "error": None, "pid": os.getpid(),
+               "host": rf.hostname(), "command_overrides": overrides, "resumed_from": None}
     try:
+        if rank0:
+            checked = rf.is_held(out)  # by the Hydra callback, before Hydra wrote into the folder
+            rf.acquire(out)
+            locked = True
+            if not resuming_dir and not checked and rf.holds_run(out):
+                locked = False  # the folder's results are another run's: leave them as they are
+                rf.release(out)
+                raise rf.RunFolderError(f"{out} already holds a run (results.json / checkpoints): a new run would "
+                                        f"overwrite it; continue it with resume={out}, or use another output folder")
         validate_config(cfg)  # cheap checks first: nothing is built before they pass
+        rf.check_file_name(cfg.get("task_name", "train"), "task_name")
+        ckpt = resolve_resume(cfg)
+        state = record = None
+        if ckpt is not None:
+            # the checkpoint, read weights-only and verified, before anything is built; a resume continues
+            # with the run's own settings (a new override that changes what it computes is refused)
+            cfg, state, record, overrides = _start_from_checkpoint(cfg, ckpt, out)
+            validate_config(cfg)
+            results.update(_run_summary_fields(cfg), overrides=overrides, config=_config_record(cfg))
+            resumed = (state.get("callbacks") or {}).get("ExactResume") or {}
+            attempt["resumed_from"] = {"checkpoint": str(ckpt), "global_step": int(state.get("global_step", 0)),
+                                       "epoch": resumed.get("epoch", state.get("epoch"))}
+        else:
+            overrides = [o for o in overrides if not rf.is_attempt(rf.override_key(o))]
+            results["overrides"] = overrides
+        # the settings as composed (optim.lr null: the method's default), recorded in checkpoints
+        recorded = {k: v for k, v in _config_record(cfg).items() if k != "paths"}
+        check_sources(cfg)  # every unreadable source of the job in one message, before any download
         with open_dict(cfg):
             cfg.optim.lr = float(effective_lr(cfg))
-        ckpt = resolve_resume(cfg)
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup("fit")  # data errors (labels, shots) surface before the model is built
+        data_id = rf.data_identity(cfg, dm)
         bundle = build_model(cfg.model)
+        model_id = rf.model_identity(cfg, bundle.backbone)
+        if state is not None:  # another base model or dataset is refused before anything is written
+            rf.check_identity(record, model_id, data_id,
+                              "resume with the run's own model and data" if cfg.train else
+                              "evaluate it with the model and data it was trained on")
         task = build_task(cfg, bundle, dm)
-        if ckpt is not None:  # a checkpoint of another adapter is refused before anything is written
-            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        task.run_record = {"format": 1, "overrides": overrides, "model": model_id, "data": data_id,
+                           "config": recorded}
+        if state is not None:  # a checkpoint of another adapter is refused before anything is written
             task.check_checkpoint(state)
             if not cfg.train:  # evaluation only: the checkpoint's trained tensors are the model to test
                 task.load_trained_tensors(state)
-            del state
+        # a resume in the run's own folder keeps that folder's earlier metrics rows (runfolder.make_csv_writer)
+        resume_step = int(state.get("global_step", 0)) if state is not None and cfg.train and resuming_dir else None
+        resume_epoch = resumed.get("epoch") if resume_step is not None else None
+        del state
         results["compile"] = _compile(cfg, task, verbose=rank0)
         results["r"] = task.adapter_info.get("r")
         results["params"] = task.parameter_summary()
+        results["data"] = dm.sampling_summary() if hasattr(dm, "sampling_summary") else {}
+        results["identity"] = {"model": model_id, "data": data_id}
+        previous = rf.read_results(results_path) if continuing else None
+        results["attempts"] = rf.attempts_before(previous) + [attempt]
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
@@ -201,14 +310,15 @@ def run(cfg: DictConfig) -> dict:
                 (out / "parameters.txt").write_text(table + "\n")
         run_name = f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
         loggers, notes = build_loggers(cfg, str(out), run_name, r=results["r"])
+        rf.use_durable_csv(loggers, resume_step, resume_epoch)
         perf = PerfMonitor()
-        from lightning.pytorch.callbacks import ModelCheckpoint
         ck = cfg.callbacks.checkpoint
         callbacks = [perf, NonFiniteGuard(str(out / "checkpoints")),
-                     ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last, save_top_k=1,
-                                     every_n_epochs=None if cfg.callbacks.get("checkpoint_every_n_train_steps")
-                                     else ck.every_n_epochs,
-                                     every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"))]
+                     ExactResume(int(cfg.seed), cuda_stream=not task.cudagraphs),
+                     RunCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last, save_top_k=1,
+                                   every_n_epochs=None if cfg.callbacks.get("checkpoint_every_n_train_steps")
+                                   else ck.every_n_epochs,
+                                   every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"))]
         if cfg.callbacks.get("kill_at_step") is not None:
             callbacks.append(KillAtStep(cfg.callbacks.kill_at_step))
         if cfg.callbacks.adapter_checkpoint:
@@ -223,7 +333,7 @@ def run(cfg: DictConfig) -> dict:
                             plugins=[AtomicCheckpointIO()], default_root_dir=str(out), enable_model_summary=False)
         t0 = time.time()
         if cfg.train:
-            trainer.fit(task, datamodule=dm, ckpt_path=ckpt)
+            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if cfg.test:
             for row in trainer.test(task, datamodule=dm, verbose=False):
@@ -233,16 +343,20 @@ def run(cfg: DictConfig) -> dict:
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
         results["bases_checksum"] = task.bases_checksum
         results["status"] = "completed"
+        attempt.update(status="completed", ended=rf.now(), metrics=results["metrics"])
         if rank0:
             write_json_atomic(results_path, results)
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if rank0 and (started or not continuing):
+        attempt.update(status="failed", ended=rf.now(), error=results["error"])
+        if rank0 and locked and (started or not continuing):
             try:
                 write_json_atomic(results_path, results)
-            except OSError:
-                pass
+            except OSError as w:
+                print(f"[randlora] error: the failure could not be recorded in {results_path} ({type(w).__name__}: "
+                      f"{w}); that file still reads {_status_on_disk(results_path)!r}. The run failed with: "
+                      f"{results['error']}", file=sys.stderr, flush=True)
         raise
     else:
         # reporting comes after the completed results.json: a W&B or printing problem here is
@@ -259,6 +373,14 @@ def run(cfg: DictConfig) -> dict:
         return results
     finally:
         finish_wandb()
+        if locked:
+            rf.release(out)
+
+
+def _status_on_disk(path: Path) -> str:
+    from .runfolder import read_results
+    r = read_results(path)
+    return (r or {}).get("status", "missing")
 
 
 def _compile(cfg, task, verbose: bool = True) -> dict:
@@ -289,7 +411,8 @@ def _compile(cfg, task, verbose: bool = True) -> dict:
 
 
 def _release_memory() -> None:
-    """Free a finished job's tensors before the next job of a multirun (same process). Called by
+    """Free a finished job's tensors before the next job of a multirun run in the same process (a
+    launcher such as submitit's local one, or RANDLORA_INPROCESS_JOBS=1). Called by
     ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
     Lightning's trainer <-> module references form a cycle that only a collection breaks."""
     import gc
@@ -306,9 +429,12 @@ RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budg
 def _to_wandb(loggers, results: dict) -> None:
     """Put the results.json fields into the W&B run (config + summary) so reports can pull them."""
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             run = lg.experiment
+            if isinstance(run, DummyExperiment):  # DDP ranks other than 0 have no W&B run
+                continue
             run.config.update({k: results.get(k) for k in RUN_FIELDS if k != "status"}, allow_val_change=True)
             summary = {"status": results["status"], **{f"params/{k}": v for k, v in results["params"].items()},
                        **results["metrics"], **{f"perf/{k}": v for k, v in results["perf"].items()}}
@@ -370,6 +496,9 @@ def is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig):
+    from .launch import run_job_in_child, should_isolate
+    if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/launch.py)
+        return run_job_in_child(cfg)
     from .models import SourceUnavailableError
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
     message = None
@@ -399,4 +528,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from randlora.launch import await_job
+    await_job()  # in a local multirun's fork server: returns in each forked job (randlora/launch.py)
     main()

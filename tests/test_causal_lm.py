@@ -118,9 +118,15 @@ def test_tokenisation_cutoff_eos_and_response_only_loss():
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and labels == ids
     ids2, labels2 = cs.training_example(tok, rec, cutoff_len=256, train_on_inputs=False)
     assert ids2 == ids
-    n_prompt = len(cs.encode(tok, cs.prompt_text(rec)))
+    # LLM-Adapters masks as many tokens as its prompt alone encodes to
+    n_prompt = len(cs.encode(tok, cs.train_prompt(rec)))
     assert all(x == -100 for x in labels2[:n_prompt]) and labels2[n_prompt:] == ids[n_prompt:]
-    assert tok.decode(ids[n_prompt:], skip_special_tokens=True).strip() == "the correct answer is true"
+    assert tok.decode(ids[n_prompt:], skip_special_tokens=True).strip().endswith("answer is true")
+    # the tidy template masks the tokens shared with the prompt's own encoding
+    ids3, labels3 = cs.training_example(tok, rec, cutoff_len=256, train_on_inputs=False, template="alpaca")
+    n3 = len(cs.encode(tok, cs.prompt_text(rec)))
+    assert all(x == -100 for x in labels3[:n3]) and labels3[n3:] == ids3[n3:]
+    assert tok.decode(ids3[n3:], skip_special_tokens=True).strip() == "the correct answer is true"
     short, _ = cs.training_example(tok, rec, cutoff_len=10, train_on_inputs=True)
     assert len(short) == 10
 
@@ -149,10 +155,12 @@ def test_offline_hub_source_fails_fast_before_training(tmp_path, data):
     t0 = time.time()
     with pytest.raises(SourceUnavailableError) as e:
         run(cfg)
-    assert time.time() - t0 < 20
+    assert time.time() - t0 < 15
     msg = str(e.value)
-    source = cfg.data.train_source
-    assert source in msg and "offline" in msg and "data.path=" in msg and "LLM-Adapters" in msg
+    # every source of the job in one message: the training set and the 8 test sets
+    assert msg.splitlines()[0].startswith("9 sources of this job are not available (HF_HUB_OFFLINE=1 is set)")
+    assert cfg.data.train_source in msg and all(str(u) in msg for u in cfg.data.test_sources.values())
+    assert "data.path=" in msg and "LLM-Adapters" in msg
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["status"] == "failed" and "SourceUnavailableError" in res["error"]
     assert not (tmp_path / "checkpoints").exists()
@@ -233,6 +241,23 @@ def test_generation_runs_eager_when_the_blocks_are_compiled(tiny_task):
         assert counters["stats"]["unique_graphs"] >= 1
     finally:
         torch._dynamo.reset()
+
+
+def test_evaluation_prompts_and_decoding_are_the_upstream_texts(tiny_task):
+    """The eval batches carry LLM-Adapters' evaluation prompt; with the upstream extraction the prompt and
+    the continuation are decoded together, as the upstream script decodes its sequences."""
+    task, dm = tiny_task
+    batch = next(iter(dm.test_dataloader()))
+    recs = dm.test_records[:2]
+    tok = dm.tokenizer
+    for i, r in enumerate(recs):
+        keep = batch["prompt_mask"][i].bool()
+        assert tok.decode(batch["prompt_ids"][i][keep], skip_special_tokens=True) == cs.eval_prompt(r)
+    cont = task.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2])
+    full = task.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2], with_prompt=True)
+    for r, c, f in zip(recs, cont, full):
+        assert f.startswith(cs.eval_prompt(r)) and cs.response_text(f, "paper") == c.strip()
+    assert batch["formats"][:2] == [cs.TASK_FORMATS[r["task"]] for r in recs]
 
 
 def test_batched_left_padded_generation_matches_single(tiny_task):
@@ -342,6 +367,8 @@ def test_paper_experiment_configs_compose():
             assert cfg.effective_batch_size == 16 and cfg.data.batch_size == micro
             assert cfg.optim.warmup_steps == 100 and cfg.adapter.weight_decay == 0 and cfg.adapter.dropout == 0.05
             assert cfg.task.cutoff_len == 256 and cfg.task.kind == "causal_lm"
+            # the paper's prompt template and answer extraction (docs/commonsense.md)
+            assert (cfg.task.prompt_template, cfg.task.answer_extraction) == ("llm_adapters", "paper")
             assert cfg.adapter.alpha == 2 * r
             assert cfg.adapter.lr == (1e-2 if method == "vera" else 1e-4)
             if method == "dora":

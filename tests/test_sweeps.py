@@ -109,3 +109,6 @@ def test_optuna_hparams_search(tmp_path):
     assert len(dirs) == 2
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optim.lr" in best
+    import yaml  # each job ran in its own process: its objective reached Optuna from its results.json
+    vals = [json.loads((d / "results.json").read_text())["metrics"]["val/acc"] for d in dirs]
+    assert yaml.safe_load(best)["best_value"] == max(vals)

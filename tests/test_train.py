@@ -38,7 +38,7 @@ def test_every_data_config_composes():
     assert set(paper) <= set(names)
     for n in paper:
         cfg = compose_cfg([f"data={n}", "model=clip_vitb32"])
-        assert cfg.data.num_classes > 1 and cfg.data.epochs > 0 and cfg.data.hub_id
+        assert cfg.data.num_classes > 1 and cfg.data.epochs > 0 and (cfg.data.hub_id or cfg.data.source != "hf")
 
 
 def test_used_by_command_builds_clip_vitb32_on_meta_with_paper_counts():
@@ -142,16 +142,17 @@ def test_randlora_bases_storage_follows_training_precision(tmp_path):
     fp32 = make_randlora_bases(shapes, int(cfg.adapter.r), int(cfg.seed))  # the float32 draw, rounded once
     for name in ("A", "B"):
         assert torch.equal(getattr(bases, name), getattr(fp32, name).bfloat16())
-    # resuming it at another precision names the setting that changed the bases, before anything is
-    # written: the finished run's results.json stays as it was
+    # evaluating it at another precision names the setting that changed the bases, before anything is
+    # written: the finished run's results.json stays as it was (a resume keeps the run's precision)
     before = (tmp_path / "results.json").read_text()
+    ck = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="stored as bfloat16, this run stores them as float32 .* "
                                          "adapter.bases_dtype=bfloat16"):
-        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
-                         f"resume={tmp_path}"], tmp_path / "again"))
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "train=false", f"ckpt_path={ck}"],
+                        tmp_path / "again"))
     assert (tmp_path / "results.json").read_text() == before
-    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
-                           "adapter.bases_dtype=bfloat16", f"resume={tmp_path}"], tmp_path / "again"))
+    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "adapter.bases_dtype=bfloat16",
+                           "train=false", f"ckpt_path={ck}"], tmp_path / "again2"))
     assert res["status"] == "completed"
 
 
@@ -183,34 +184,48 @@ def test_budget_picks_rank(tmp_path):
     assert abs(res["params"]["adapter"] - 20000) / 20000 < 0.25
 
 
-@pytest.mark.parametrize("change,msg", [
-    (["adapter.r=3"], "another adapter: options.r: model has 3, file has 6"),
-    (["adapter.alpha=40"], "another adapter: options.alpha: model has 40, file has 10.0"),  # scaling 4x
-    (["adapter=lora"], "another adapter: method: model has 'lora', file has 'randlora'"),
-    (["adapter.seed=5"], "other random bases"),
+@pytest.mark.parametrize("change,msg,setting", [
+    (["adapter.r=3"], "another adapter: options.r: model has 3, file has 6", "adapter.r: 3 here, 6 in the run"),
+    (["adapter.alpha=40"], "another adapter: options.alpha: model has 40, file has 10.0",  # scaling 4x
+     "adapter.alpha: 40 here, 10.0 in the run"),
+    (["adapter=lora"], "another adapter: method: model has 'lora', file has 'randlora'",
+     "adapter.method: 'lora' here, 'randlora' in the run"),
+    (["adapter.seed=5"], "other random bases", "adapter.seed: 5 here, 42 in the run"),
 ])
-def test_resume_with_another_adapter_is_refused_and_keeps_the_run(change, msg, tmp_path):
+def test_another_adapter_is_refused_and_keeps_the_run(change, msg, setting, tmp_path):
+    """Evaluating a checkpoint with another adapter names the adapter difference; resuming with it is
+    refused by the run's recorded settings. Neither writes into the run."""
     run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST], tmp_path))
-    before = {p.name: p.read_bytes() for p in [tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt"]}
+    files = [tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt"]
+    before = {p.name: p.read_bytes() for p in files}
     with pytest.raises(ValueError, match=msg):
-        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2", *change,
-                         f"resume={tmp_path}"], tmp_path / "other"))
-    assert {p.name: p.read_bytes() for p in [tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt"]} \
-        == before
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, *change, "train=false",
+                         f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path / "eval"))
+    with pytest.raises(ValueError, match=setting):
+        run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, *change, f"resume={tmp_path}"],
+                        tmp_path / "other"))
+    assert {p.name: p.read_bytes() for p in files} == before
     assert results(tmp_path)["status"] == "completed"
 
 
-def test_resume_from_run_folder_continues(tmp_path):
+def test_resume_from_run_folder_continues(tmp_path, monkeypatch):
+    from randlora.callbacks import KillAtStep
+
+    def stop(self, trainer, *_):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("interrupted")
+    monkeypatch.setattr(KillAtStep, "on_train_batch_end", stop)
+    over = ["model=tiny_vit", "adapter=randlora", *[o for o in FAST if "max_epochs" not in o], "trainer.max_epochs=2"]
     first = tmp_path / "a"
-    run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST], first))
-    ck = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(compose_cfg([*over, "callbacks.kill_at_step=4"], first))
+    ck = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 3
     second = tmp_path / "b"
-    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", *FAST, "trainer.max_epochs=2",
-                           f"resume={first}"], second))
+    res = run(compose_cfg([*over, f"resume={first}"], second))
     # resume=<run dir> continues inside that run's folder
-    assert res["run_dir"] == str(first.resolve()) and not (second / "checkpoints").exists()
-    ck2 = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert res["run_dir"] == str(first.resolve()) and not second.exists()
+    ck2 = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert res["status"] == "completed" and ck2["epoch"] == ck["epoch"] + 1 and ck2["global_step"] == 6
 
 
@@ -276,8 +291,8 @@ def test_ddp_evaluation_loss_is_the_mean_over_every_sample(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["adapter=dora_nope"], "Could not find 'adapter/dora_nope'"),
     (["adapter.r=0"], "r must be a positive integer"),
-    (["data.shots=500"], "larger than class"),
-    (["model=clip_vitb32", "data=digits"], "could not load open_clip weights"),
+    (["data.shots=0"], "must be a positive integer (images per class)"),  # k above a class's size uses all (paper)
+    (["model=clip_vitb32", "data=digits"], "weights of clip_vitb32 (open_clip ViT-B-32 tag 'openai'"),
 ])
 def test_bad_input_one_clear_message(args, msg, tmp_path):
     out = train_cli([*args, "trainer=cpu", f"hydra.run.dir={tmp_path}"], timeout=300)
@@ -338,7 +353,8 @@ def test_hf_save_to_disk_and_image_folder_sources(tmp_path):
     from randlora.data.images import DataConfigError
     shutil.rmtree(tmp_path / "folder" / "test" / "dog")
     folder = [f"data.path={tmp_path / 'folder'}", "data.source=imagefolder", "data.num_classes=3"]
-    cfg = compose_cfg(["model=tiny_clip", "data=cifar10", "data.num_workers=0", *folder, *FAST], tmp_path / "r2")
+    cfg = compose_cfg(["model=tiny_clip", "data=cifar10", "data.num_workers=0", "data.val_fraction=0.5", *folder,
+                       *FAST], tmp_path / "r2")
     with pytest.raises(DataConfigError, match=r"has classes \['cat', 'owl'\] but 'train' has \['cat', 'dog', 'owl'\]"):
         build_datamodule(cfg).setup()
     (tmp_path / "folder" / "test" / "dog").mkdir()
@@ -350,7 +366,7 @@ def test_hf_save_to_disk_and_image_folder_sources(tmp_path):
 def test_hub_dataset_offline_message(tmp_path):
     cfg = compose_cfg(["model=tiny_vit", "data=food101", *FAST], tmp_path)
     from randlora.models import SourceUnavailableError
-    with pytest.raises(SourceUnavailableError, match=r"could not load dataset food101 from 'ethz/food101'.*data.path="):
+    with pytest.raises(SourceUnavailableError, match=r"data=food101: hub dataset 'ethz/food101' is not in the local Hugging Face cache.*data.path="):
         run(cfg)
 
 

@@ -188,12 +188,26 @@ def _expected_shapes(model: nn.Module, meta: dict) -> dict:
     return out
 
 
+CHECKSUM_META = "tensor_crc32"  # safetensors metadata: {name: CRC-32 of the tensor's bytes} (files before it: none)
+
+
+def tensor_crcs(tensors: dict) -> dict:
+    """{name: CRC-32 (hex) of the tensor's raw bytes}: flipped bytes inside a tensor change it."""
+    import zlib
+    out = {}
+    for k, v in tensors.items():
+        t = v.detach().cpu().contiguous().reshape(-1)
+        out[k] = f"{zlib.crc32(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b''):08x}"
+    return out
+
+
 def save_adapter(model: nn.Module, path, tensors: dict | None = None) -> None:
-    """Write ``adapter_state_dict`` to a safetensors file (metadata as JSON in the header).
+    """Write ``adapter_state_dict`` to a safetensors file (metadata as JSON in the header, with a
+    CRC-32 of every tensor that ``load_adapter`` verifies).
 
     ``tensors`` replaces the model's tensors where they were gathered elsewhere (full fine-tuning
     under FSDP: the full state dict, which every rank must help build). Written to a temporary
-    file and renamed, so an interrupted save never leaves a corrupt file.
+    file and renamed, so an interrupted save never leaves a corrupt file (nor the temporary file).
     """
     import os
     from safetensors.torch import save_file
@@ -203,13 +217,19 @@ def save_adapter(model: nn.Module, path, tensors: dict | None = None) -> None:
         meta = state.pop(META_KEY)
     else:
         state, meta = dict(tensors), jsonable(adapter_meta(model))
+    state = {k: v.contiguous() for k, v in state.items()}
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"adapter": json.dumps(meta)})
-    os.replace(tmp, path)
+    try:
+        save_file(state, tmp, metadata={"adapter": json.dumps(meta), CHECKSUM_META: json.dumps(tensor_crcs(state))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Read a file written by ``save_adapter`` and load it (see ``load_adapter_state_dict``)."""
+    """Read a file written by ``save_adapter``, verify its checksums and load it (see
+    ``load_adapter_state_dict``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -221,5 +241,11 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise _err(f"cannot read adapter file {path}: {e} (truncated or not written by save_adapter?)") from None
     if "adapter" not in header:
         raise _err(f"{path} has no adapter metadata; it was not written by randlora.adapters.save_adapter")
+    if CHECKSUM_META in header:  # files written before checksums existed load unverified
+        saved, now = json.loads(header[CHECKSUM_META]), tensor_crcs(tensors)
+        bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if bad:
+            raise _err(f"adapter file {path} is corrupt: tensor {bad[0]} does not match its checksum"
+                       + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + "; it was not loaded")
     tensors[META_KEY] = json.loads(header["adapter"])
     return load_adapter_state_dict(model, tensors)

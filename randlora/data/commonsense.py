@@ -20,7 +20,20 @@ missing file or an unreachable hub fails at once with :class:`~randlora.models.S
 
 Tokenisation needs the model's tokenizer, which the datamodule does not own: the task hands it over
 with :meth:`InstructionDataModule.attach_tokenizer` (``CausalLMTask.setup`` does so), together with
-the prompt options (cutoff length, loss on the whole sequence or the answer only).
+the prompt options (cutoff length, loss on the whole sequence or the answer only, prompt template).
+
+Prompts (``task.prompt_template``; docs/commonsense.md): ``llm_adapters`` (default) is the template
+the paper trained and evaluated with, byte for byte: LLM-Adapters' ``finetune.py`` for training and
+its ``commonsense_evaluate.py`` for evaluation (the two differ in whitespace; the RandLoRA paper's
+commonsense code, a fork of DoRA's fork of LLM-Adapters, has the same strings). ``alpaca`` is the
+tidy Alpaca template (one template, no indentation).
+
+Answers (``task.answer_extraction``): ``paper`` and ``llm_adapters`` score as the upstream
+evaluation scripts do: the response is the decoded prompt + generation cut at "### Response:" (the
+last piece in the RandLoRA/DoRA script, the second in LLM-Adapters'), and the answer is the first
+match of the task's case-sensitive alternatives (``true|false``, ``solution1|solution2``,
+``answer1|...|answer5``, ``ending1|...|ending4``, ``option1|option2``), "" (wrong) when none
+matches. ``lenient`` takes the first whole-word, case-insensitive answer token of the continuation.
 """
 from __future__ import annotations
 
@@ -36,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..models import SourceUnavailableError, offline_message
-from .images import EpochSeededSampler
+from .samplers import EpochSeededSampler
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "commonsense_tiny"
 
@@ -64,12 +77,42 @@ FORMATS = {
 }
 _PREFIX = {"truefalse": "", "solution": "solution", "answer": "answer", "ending": "ending", "option": "option"}
 
-# The Alpaca prompt (the template of LLM-Adapters' training and evaluation)
+# The tidy Alpaca prompt (task.prompt_template=alpaca), the same for training and evaluation
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+# The templates the paper trained and evaluated with (task.prompt_template=llm_adapters), byte for byte:
+# github.com/AGI-Edgerunners/LLM-Adapters @ 816657208af4db747803f87ba40a4c71383fed7a, finetune.py and
+# commonsense_evaluate.py, generate_prompt (identical in github.com/PaulAlbert31/RandLoRA @ 4ac565e,
+# commonsense_reasoning/). The lines sit inside an indented triple-quoted string, so each carries 16
+# spaces; the training template's blank lines carry them too, the evaluation template's do not, and the
+# first lines end in different runs of spaces. Training appends the record's output to its template.
+_IND = " " * 16
+_HEAD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+               "Write a response that appropriately completes the request.")
+_HEAD_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request.")
+LLM_ADAPTERS_TRAIN_WITH_INPUT = (_HEAD_INPUT + " \n\n" + _IND + "### Instruction:\n" + _IND + "{instruction}\n"
+                                 + _IND + "\n" + _IND + "### Input:\n" + _IND + "{input}\n" + _IND + "\n"
+                                 + _IND + "### Response:\n" + _IND)
+LLM_ADAPTERS_TRAIN_NO_INPUT = (_HEAD_NO_INPUT + "  \n\n" + _IND + "### Instruction:\n" + _IND + "{instruction}\n" + _IND
+                               + "\n" + _IND + "### Response:\n" + _IND)
+LLM_ADAPTERS_EVAL_WITH_INPUT = (_HEAD_INPUT + "\n\n" + _IND + "### Instruction:\n" + _IND + "{instruction}\n\n"
+                                + _IND + "### Input:\n" + _IND + "{input}\n\n" + _IND + "### Response:\n" + _IND)
+LLM_ADAPTERS_EVAL_NO_INPUT = (_HEAD_NO_INPUT + " \n\n" + _IND + "### Instruction:\n" + _IND + "{instruction}\n\n"
+                              + _IND + "### Response:\n" + _IND)
+PROMPT_TEMPLATES = ("llm_adapters", "alpaca")
+RESPONSE_MARK = "### Response:"
+
+# task.answer_extraction: paper (RandLoRA's evaluation script), llm_adapters (LLM-Adapters'), lenient (ours)
+ANSWER_EXTRACTIONS = ("paper", "llm_adapters", "lenient")
+# LLM-Adapters' extract_answer: per task, re.findall of these case-sensitive alternatives (no word boundaries)
+UPSTREAM_PATTERNS = {"truefalse": r"true|false", "solution": r"solution1|solution2",
+                     "answer": r"answer1|answer2|answer3|answer4|answer5", "ending": r"ending1|ending2|ending3|ending4",
+                     "option": r"option1|option2"}
 
 
 class DataConfigError(ValueError):
@@ -78,10 +121,65 @@ class DataConfigError(ValueError):
 
 # ------------------------------------------------------------------------------- prompts, answers
 def prompt_text(record: dict) -> str:
-    """The Alpaca prompt of a record, up to and including ``### Response:\\n``."""
+    """The tidy Alpaca prompt of a record, up to and including ``### Response:\\n``."""
     inp = (record.get("input") or "").strip()
     tpl = PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT
     return tpl.format(instruction=record["instruction"], input=inp)
+
+
+def _check_template(template: str) -> None:
+    if template not in PROMPT_TEMPLATES:
+        raise DataConfigError(f"task.prompt_template={template!r}; choose one of {list(PROMPT_TEMPLATES)}")
+
+
+def train_prompt(record: dict, template: str = "llm_adapters") -> str:
+    """What precedes the record's output in a training sequence. ``llm_adapters``: LLM-Adapters'
+    finetune.py ``generate_prompt`` without the output (its input test is Python truthiness: an empty
+    input selects the no-input template, and the input is used as given)."""
+    _check_template(template)
+    if template == "alpaca":
+        return prompt_text(record)
+    inp = record.get("input")
+    tpl = LLM_ADAPTERS_TRAIN_WITH_INPUT if inp else LLM_ADAPTERS_TRAIN_NO_INPUT
+    return tpl.format(instruction=record["instruction"], input=inp)
+
+
+def eval_prompt(record: dict, template: str = "llm_adapters") -> str:
+    """The prompt a model answers at evaluation. ``llm_adapters``: commonsense_evaluate.py's
+    ``generate_prompt(instruction, input)``. (That script passes the instruction only; every record of
+    the 8 test sets has an empty input, so passing the record's input changes nothing there.)"""
+    _check_template(template)
+    if template == "alpaca":
+        return prompt_text(record)
+    inp = record.get("input")
+    tpl = LLM_ADAPTERS_EVAL_WITH_INPUT if inp else LLM_ADAPTERS_EVAL_NO_INPUT
+    return tpl.format(instruction=record["instruction"], input=inp)
+
+
+def response_text(decoded: str, extraction: str) -> str:
+    """The response in a decoded prompt + generation, cut as the upstream evaluation scripts cut it:
+    after the last "### Response:" (``paper``: RandLoRA's / DoRA's script) or between the first and the
+    second (``llm_adapters``), stripped."""
+    parts = str(decoded).split(RESPONSE_MARK)
+    if extraction == "llm_adapters":
+        return (parts[1] if len(parts) > 1 else parts[0]).strip()
+    return parts[-1].strip()
+
+
+def extract_answer_upstream(response: str, fmt: str) -> str:
+    """LLM-Adapters' ``extract_answer``: the first match of the format's case-sensitive alternatives
+    in the stripped response ("solution12" -> "solution1", "untrue" -> "true", "True" -> no match),
+    "" when nothing matches."""
+    if fmt not in UPSTREAM_PATTERNS:
+        raise ValueError(f"unknown answer format {fmt!r}; choose one of {list(UPSTREAM_PATTERNS)}")
+    found = re.findall(UPSTREAM_PATTERNS[fmt], str(response).strip())
+    return found[0] if found else ""
+
+
+def record_format(record: dict) -> str:
+    """The answer format scored for a record: its task's (as the upstream script picks the pattern by
+    dataset), else its gold answer's; "" when neither is known."""
+    return TASK_FORMATS.get(record.get("task", "")) or answer_format(record.get("answer", "")) or ""
 
 
 def answer_format(answer: str) -> str | None:
@@ -145,57 +243,112 @@ def _read_json_records(path: Path) -> list[dict]:
 
 
 def bundled_corpus() -> Iterator[str]:
-    """Texts of the bundled set (training prompts + outputs, test prompts + answers), in a fixed
-    order: the corpus of the tiny LLaMA's tokenizer."""
+    """Texts of the bundled set (training prompts + outputs, test prompts + answers, in the default
+    ``llm_adapters`` templates), in a fixed order: the corpus of the tiny LLaMA's tokenizer (which then
+    merges the templates' runs of spaces into few tokens)."""
     for r in _read_json_records(BUNDLED_DIR / "train.json"):
-        yield prompt_text(r) + str(r.get("output", ""))
+        yield train_prompt(r) + str(r.get("output", ""))
     for short, dirname in TASK_DIRS.items():
         for r in _read_json_records(BUNDLED_DIR / "dataset" / dirname / "test.json"):
-            yield prompt_text(r) + str(r.get("answer", ""))
+            yield eval_prompt(r) + str(r.get("answer", ""))
 
 
 # ------------------------------------------------------------------------------------- loading
-def _offline_flag() -> str | None:
-    """The environment variable that puts Hugging Face libraries offline, if one is set."""
-    return next((k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                 if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")), None)
-
-
 HOW_LOCAL = ("Provide local files instead: on a machine with network, download the LLM-Adapters data "
              "(github.com/AGI-Edgerunners/LLM-Adapters: ft-training_set/commonsense_170k.json or "
              "commonsense_15k.json, and dataset/<task>/test.json for boolq, piqa, social_i_qa, hellaswag, "
              "winogrande, ARC-Easy, ARC-Challenge, openbookqa), copy them into one folder in that layout and pass "
              "data.path=/that/folder (or data.train_source=/file.json and data.test_sources.<task>=/file.json); "
              "data=commonsense_tiny runs offline on the bundled synthetic set.")
+SHORT_FIX = ("download it on a machine with network and pass data.path=<a folder in the LLM-Adapters layout> "
+             "(docs/commonsense.md), or data.{key}=/path/to/file.json")
+
+
+def source_kind(source: str) -> str:
+    """``file`` (an existing local file), ``missing`` (a local path that does not exist), ``url`` or
+    ``hub`` (a Hugging Face dataset id)."""
+    src = str(source)
+    if os.path.isfile(src):
+        return "file"
+    if src.startswith(("http://", "https://")):
+        return "url"
+    if src.endswith((".json", ".jsonl")) or src.startswith((".", os.path.sep, "~")) or src.count("/") >= 2 \
+            or os.path.isdir(os.path.dirname(src) or "\0"):
+        return "missing"
+    return "hub"
+
+
+def source_problem(source: str, what: str, key: str, hub) -> str | None:
+    """Why ``source`` cannot be read now (one line with its fix), or None."""
+    from ..sources import cached_dataset, url_status
+    kind, src = source_kind(source), str(source)
+    fix = SHORT_FIX.format(key=key)
+    if kind == "missing":
+        return f"{what}: local file {src!r} does not exist; {fix}"
+    if kind == "url":
+        if not hub.online:
+            return f"{what} ({src}) is a URL, which datasets reads only with the network (never from a cache): {fix}"
+        why = url_status(src)
+        return None if why is None else f"{what} ({src}): its host is unreachable ({why}): {fix}"
+    if kind == "hub" and not hub.online and not cached_dataset(src):
+        from datasets import config
+        return (f"{what} (hub dataset {src}) is not in the local datasets cache ({config.HF_DATASETS_CACHE}): on a "
+                f"machine with network run datasets.load_dataset({src!r}) and copy that cache here, or {fix}")
+    return None
+
+
+def source_problems(data_cfg: dict, hub) -> list[str]:
+    """Every source of an instruction dataset config (training file, each task's test file) that cannot
+    be read now; empty when all can (``randlora.sources.check_sources`` reports them together)."""
+    d = dict(data_cfg)
+    try:
+        dm = InstructionDataModule(**d)
+    except DataConfigError:
+        return []  # a config error: setup() reports it
+    problems = []
+    wanted = [("train_source", "the training set", None)] + [(f"test_sources.{t}", f"the {t} test set", t)
+                                                            for t in dm.tasks]
+    for key, what, task in wanted:
+        what = f"{what} of {dm.name}"
+        try:
+            src = dm._train_source() if task is None else dm._test_source(task)
+        except SourceUnavailableError as e:  # a file missing from data.path's folder
+            problems.append(str(e).split(" Provide local files instead")[0])
+            continue
+        except DataConfigError:
+            continue
+        why = source_problem(src, what, key, hub)
+        if why:
+            problems.append(why)
+    return problems
 
 
 def load_records(source: str, what: str, split: str = "train") -> list[dict]:
-    """Records from a local JSON / JSON-lines file, a URL of one, or a hub id (``datasets``)."""
+    """Records from a local JSON / JSON-lines file, a URL of one, or a hub id (``datasets``). With the
+    hub unreachable, a URL or an uncached hub id fails at once, without a network attempt."""
+    from ..sources import hub_status
     src = str(source)
-    if os.path.isfile(src):
+    kind = source_kind(src)
+    if kind == "file":
         try:
             return _read_json_records(Path(src))
         except (OSError, ValueError) as e:
             raise SourceUnavailableError(f"could not read {what} from {src!r}: {e} (expected a JSON list of "
                                          "records with instruction / input / output / answer)") from None
-    looks_local = src.endswith((".json", ".jsonl")) and not src.startswith(("http://", "https://"))
-    if looks_local or (os.path.sep in src and (src.startswith((".", os.path.sep, "~"))
-                                               or os.path.isdir(os.path.dirname(src)))):
+    if kind == "missing":
         raise SourceUnavailableError(f"{what}: local file {src!r} does not exist. {HOW_LOCAL}")
-    remote = src.startswith(("http://", "https://"))
+    hub = hub_status()
+    if not hub.online:
+        why = source_problem(src, what, "train_source" if "training" in what else "test_sources.<task>", hub)
+        if why:
+            raise SourceUnavailableError(why)
     import datasets
-    try:  # offline, datasets still serves a copy from its cache
-        if remote:
+    try:  # offline, datasets serves a prepared copy of a hub dataset from its cache
+        if kind == "url":
             ds = datasets.load_dataset("json", data_files={split: src}, split=split)
         else:
             ds = datasets.load_dataset(src, split=split)
     except Exception as e:
-        flag = _offline_flag()
-        if flag:
-            raise SourceUnavailableError(
-                f"could not load {what} from {src!r}: this process is offline ({flag} is set), "
-                f"{'a URL' if remote else 'a Hugging Face hub id'} needs the network and no cached copy was "
-                f"found ({type(e).__name__}). {HOW_LOCAL}") from None
         raise SourceUnavailableError(offline_message(what, src, HOW_LOCAL, e)) from None
     return ds.to_list()
 
@@ -331,15 +484,17 @@ class InstructionDataModule(L.LightningDataModule):
 
     # -- tokenisation (the task provides the tokenizer)
     def attach_tokenizer(self, tokenizer, cutoff_len: int = 256, train_on_inputs: bool = True,
-                         answer_prefix: str = "the correct answer is ", loglik: bool = False) -> None:
+                         answer_prefix: str = "the correct answer is ", loglik: bool = False,
+                         prompt_template: str = "llm_adapters") -> None:
         """Give the datamodule the model's tokenizer and the prompt options; called by the task."""
         if cutoff_len is None or int(cutoff_len) < 8:
             raise DataConfigError(f"task.cutoff_len={cutoff_len!r} must be an integer >= 8 (paper: 256)")
+        _check_template(prompt_template)
         if tokenizer.pad_token_id is None:
             raise DataConfigError("the tokenizer has no pad token; set tokenizer.pad_token first")
         self.tokenizer = tokenizer
         self.options = {"cutoff_len": int(cutoff_len), "train_on_inputs": bool(train_on_inputs),
-                        "answer_prefix": answer_prefix, "loglik": bool(loglik)}
+                        "answer_prefix": answer_prefix, "loglik": bool(loglik), "prompt_template": prompt_template}
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -368,12 +523,14 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _train_opts(self):
         o = self.options
-        return {"cutoff_len": o["cutoff_len"], "train_on_inputs": o["train_on_inputs"]}
+        return {"cutoff_len": o["cutoff_len"], "train_on_inputs": o["train_on_inputs"],
+                "template": o["prompt_template"]}
 
     def _eval_loader(self, records, with_loss):
         o = self.options
         collate = EvalCollate(self.tokenizer, cutoff_len=o["cutoff_len"], train_on_inputs=o["train_on_inputs"],
-                              answer_prefix=o["answer_prefix"], loglik=o["loglik"], with_loss=with_loss)
+                              answer_prefix=o["answer_prefix"], loglik=o["loglik"], with_loss=with_loss,
+                              template=o["prompt_template"])
         return DataLoader(Records(records), batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
 
@@ -414,17 +571,22 @@ def encode(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def training_example(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool) -> tuple[list, list]:
-    """(input_ids, labels) of prompt + output + EOS, cut at ``cutoff_len``; labels -100 on the prompt
-    when ``train_on_inputs`` is false."""
-    prompt = prompt_text(record)
+def training_example(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool,
+                     template: str = "llm_adapters") -> tuple[list, list]:
+    """(input_ids, labels) of prompt + output + EOS, cut at ``cutoff_len`` (EOS only when the cut left
+    room, as LLM-Adapters' ``tokenize``); labels -100 on the prompt when ``train_on_inputs`` is false:
+    on as many tokens as the prompt alone encodes to (LLM-Adapters' ``user_prompt_len``) with the
+    ``llm_adapters`` template, on the tokens shared with the prompt's encoding with ``alpaca``."""
+    prompt = train_prompt(record, template)
     ids = encode(tokenizer, prompt + record["output"])[:cutoff_len]
     eos = tokenizer.eos_token_id
     if eos is not None and len(ids) < cutoff_len and ids[-1] != eos:
         ids = ids + [eos]
     labels = list(ids)
     if not train_on_inputs:
-        n_prompt = _common_prefix(encode(tokenizer, prompt), ids)
+        prompt_ids = encode(tokenizer, prompt)[:cutoff_len]
+        n_prompt = len(prompt_ids) if template == "llm_adapters" else _common_prefix(prompt_ids, ids)
+        n_prompt = min(n_prompt, len(ids))
         labels[:n_prompt] = [-100] * n_prompt
     return ids, labels
 
@@ -460,19 +622,21 @@ def _batch(tokenizer, pairs: list[tuple[list, list]]) -> dict:
 class TrainCollate:
     """Right-padded input_ids / attention_mask / labels (-100 on padding)."""
 
-    def __init__(self, tokenizer, cutoff_len: int, train_on_inputs: bool):
+    def __init__(self, tokenizer, cutoff_len: int, train_on_inputs: bool, template: str = "llm_adapters"):
         self.tokenizer, self.cutoff_len, self.train_on_inputs = tokenizer, cutoff_len, train_on_inputs
+        self.template = template
 
     def __call__(self, items: list[dict]) -> dict:
-        return _batch(self.tokenizer, [training_example(self.tokenizer, r, self.cutoff_len, self.train_on_inputs)
-                                       for r in items])
+        return _batch(self.tokenizer, [training_example(self.tokenizer, r, self.cutoff_len, self.train_on_inputs,
+                                                        self.template) for r in items])
 
 
 class EvalCollate:
     """What evaluation needs for a batch of records:
 
     * ``prompt_ids`` / ``prompt_mask``: left-padded prompts for generation;
-    * ``answers``, ``formats``, ``tasks`` (lists of str), ``index`` (LongTensor, the record positions);
+    * ``answers``, ``formats`` (the answer format scored: :func:`record_format`), ``tasks`` (lists of
+      str), ``index`` (LongTensor, the record positions);
     * with ``loglik``: ``cand_ids`` / ``cand_mask`` / ``cand_labels`` (prompt + answer prefix + each
       candidate, left-padded, labels only on the tokens after the shared context), ``cand_owner`` (which record)
       and ``cand_text``;
@@ -480,27 +644,28 @@ class EvalCollate:
     """
 
     def __init__(self, tokenizer, cutoff_len: int, train_on_inputs: bool, answer_prefix: str,
-                 loglik: bool, with_loss: bool):
+                 loglik: bool, with_loss: bool, template: str = "llm_adapters"):
         self.tokenizer, self.cutoff_len, self.train_on_inputs = tokenizer, cutoff_len, train_on_inputs
         self.answer_prefix, self.loglik, self.with_loss = answer_prefix, loglik, with_loss
+        self.template = template
 
     def __call__(self, items: list[dict]) -> dict:
         tok = self.tokenizer
-        prompts = [encode(tok, prompt_text(r)) for r in items]
+        prompts = [encode(tok, eval_prompt(r, self.template)) for r in items]
         out = {"prompt_ids": _pad(prompts, tok.pad_token_id, left=True),
                "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
                "answers": [r["answer"] for r in items],
-               "formats": [answer_format(r["answer"]) or "" for r in items],
+               "formats": [record_format(r) for r in items],
                "tasks": [r.get("task", "") for r in items],
                "index": torch.tensor([int(r["index"]) for r in items], dtype=torch.long)}
         if self.with_loss:
-            pairs = [training_example(tok, r, self.cutoff_len, self.train_on_inputs) for r in items]
+            pairs = [training_example(tok, r, self.cutoff_len, self.train_on_inputs, self.template) for r in items]
             out.update(_batch(tok, pairs))
         if self.loglik:
             seqs, labels, owner, texts = [], [], [], []
             prefix = self.answer_prefix.rstrip()
             for i, r in enumerate(items):
-                ctx_text = prompt_text(r) + prefix
+                ctx_text = eval_prompt(r, self.template) + prefix
                 ctx = encode(tok, ctx_text)
                 sep = " " if self.answer_prefix.endswith(" ") else ""
                 for c in candidates(r, answer_format(r["answer"])):

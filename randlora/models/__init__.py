@@ -1,12 +1,20 @@
 """Model builders: a backbone plus what the rest of the framework needs to know about it.
 
 ``build_model(cfg)`` dispatches on ``cfg.family`` (``timm``, ``open_clip``, ``hf_causal_lm``) and
-returns a :class:`ModelBundle`. Weights come from a hub tag or a local file; when neither can be
-reached the builder raises :class:`SourceUnavailableError` with one message that names the
-source and how to provide it locally.
+returns a :class:`ModelBundle`. Weights come from a hub tag / id or a local file. A model config
+states what its weights were trained as (activation, image size, normalisation statistics, context
+length, model type); the builders build exactly that on every route (tests/test_model_fidelity.py
+checks each shipped config against the libraries' published metadata).
+
+``source_problems(cfg, hub)`` lists, before anything is downloaded, the sources of a model config
+that cannot be read (a missing or unreadable local file, a hub source absent from the local cache
+while the hub is unreachable); ``randlora.sources.check_sources`` reports them together with the
+data's. A load that fails anyway raises :class:`SourceUnavailableError` naming what is really wrong
+(offline, not a weights file, weights of another architecture).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +24,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
 class SourceUnavailableError(RuntimeError):
-    """Weights or data could not be reached (offline, wrong id, missing file)."""
+    """Weights or data could not be read: offline, wrong id, missing file, not a weights file, or
+    weights of another architecture (the message says which)."""
 
 
 @dataclass
@@ -34,9 +46,63 @@ class ModelBundle:
 
 
 def offline_message(what: str, source: str, how: str, err: Exception) -> str:
+    """A load error of a hub source (kept for the image datasets); the model loaders say precisely
+    what went wrong instead."""
     short = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
     return (f"could not load {what} from {source!r} ({type(err).__name__}: {short}). "
             f"This machine may be offline or the id may be wrong. {how}")
+
+
+def short_error(err: Exception, limit: int = 300) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
+
+
+def is_local_path(source) -> bool:
+    """Whether a ``pretrained`` value names a local file or folder rather than a tag or a hub id
+    (``org/name``): it exists, is absolute or explicitly relative, has a weights suffix or more than
+    one path separator."""
+    s = str(source)
+    if s.startswith(("http://", "https://")):
+        return False
+    return os.path.exists(os.path.expanduser(s)) or s.startswith(("/", "~", ".")) or s.endswith(WEIGHT_SUFFIXES) \
+        or s.count("/") >= 2
+
+
+def sniff_weights_file(path, what: str) -> None:
+    """Refuse, in one line, a local weights path that does not exist, is a folder or is not a weights
+    file (safetensors, or a PyTorch zip / pickle file); cheap: only the file's header is read."""
+    p = os.path.expanduser(str(path))
+    if not os.path.exists(p):
+        raise SourceUnavailableError(f"{what}: local file {p!r} does not exist; pass model.pretrained=<an existing "
+                                     "weights file> (.safetensors / .bin / .pt)")
+    if os.path.isdir(p):
+        raise SourceUnavailableError(f"{what}: {p!r} is a folder; pass model.pretrained=<the weights file inside it> "
+                                     "(.safetensors / .bin / .pt)")
+    problem = _weights_file_problem(p)
+    if problem:
+        raise SourceUnavailableError(f"{what}: {p!r} is not a weights file ({problem}); pass model.pretrained=<a "
+                                     "state dict saved with safetensors.torch.save_file or torch.save>")
+
+
+def _weights_file_problem(path: str) -> str | None:
+    import zipfile
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                if not list(f.keys()):
+                    return "a safetensors file with no tensors"
+        except Exception as e:  # noqa: BLE001 - any header error: not a safetensors file
+            return f"unreadable as safetensors: {short_error(e, 120)}"
+        return None
+    if zipfile.is_zipfile(path):
+        return None  # torch.save's format (and TorchScript archives)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return None  # a legacy pickle-based torch.save file
+    return "neither safetensors nor a torch.save zip / pickle file"
 
 
 def build_model(cfg) -> ModelBundle:
@@ -56,7 +122,8 @@ def build_model(cfg) -> ModelBundle:
 def meta_backbone(cfg):
     """The model's architecture on the ``meta`` device (no weights, no memory, no download), for
     checking adapter targets, ranks and budgets before anything real is built. None when the
-    architecture itself is only available from a hub (a transformers model by id, offline)."""
+    architecture itself is only available from a hub (a transformers model by id, not cached while
+    the hub is unreachable)."""
     import torch
     try:
         with torch.device("meta"):
@@ -64,25 +131,35 @@ def meta_backbone(cfg):
                 import timm
                 return timm.create_model(cfg.arch, pretrained=False, num_classes=0, **dict(cfg.get("kwargs") or {}))
             if cfg.family == "open_clip":
-                import open_clip
-                if cfg.get("tiny"):
-                    t = cfg.tiny
-                    return open_clip.CLIP(
-                        embed_dim=t.embed_dim,
-                        vision_cfg=open_clip.CLIPVisionCfg(layers=t.layers, width=t.width, head_width=t.head_width,
-                                                           patch_size=t.patch_size, image_size=t.image_size),
-                        text_cfg=open_clip.CLIPTextCfg(context_length=t.context_length, vocab_size=49408,
-                                                       width=t.width, heads=t.width // t.head_width, layers=t.layers))
-                mc = open_clip.get_model_config(cfg.arch)
-                return None if mc is None else open_clip.CLIP(**mc)
+                from .clip import create_architecture
+                return create_architecture(cfg, device="meta")
             if cfg.family == "hf_causal_lm":
                 from transformers import AutoConfig, AutoModelForCausalLM
                 if cfg.get("tiny"):
                     t = dict(cfg.tiny)
                     config = AutoConfig.for_model(t.pop("model_type", "llama"), **t)
                 else:
-                    config = AutoConfig.from_pretrained(cfg.pretrained)
+                    from ..sources import hub_status
+                    local = is_local_path(cfg.pretrained)
+                    config = AutoConfig.from_pretrained(os.path.expanduser(str(cfg.pretrained)),
+                                                        local_files_only=local or not hub_status().online)
                 return AutoModelForCausalLM.from_config(config)
     except Exception:
         return None
     return None
+
+
+def source_problems(cfg, hub) -> list[str]:
+    """The sources of model config ``cfg`` (weights, tokenizer) that cannot be read, one line each
+    with its fix: a local path that does not exist or is not a weights file / model folder, or a hub
+    source that is not in the local cache while ``hub`` (``randlora.sources.hub_status()``) is offline."""
+    family = cfg.get("family")
+    if family == "open_clip":
+        from .clip import source_problems as problems
+    elif family == "timm":
+        from .vit import source_problems as problems
+    elif family == "hf_causal_lm":
+        from .llama import source_problems as problems
+    else:
+        return []
+    return problems(cfg, hub)

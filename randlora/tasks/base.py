@@ -131,12 +131,24 @@ class AdapterTask(L.LightningModule):
         self.log("train/dem", reg.detach(), on_step=True, on_epoch=False)
         return loss + reg
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.dynamic_rank is None or self.trainer.global_step == self._last_step:
-            return  # no optimizer step happened (gradient accumulation)
-        self._last_step = step = self.trainer.global_step
+    _rank_step = None  # (step, info) of DoRA-DR's update after the last optimizer step, logged at batch end
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.dynamic_rank is None:
+            return
+        # Right after the optimizer step, not at the batch end: Lightning writes step-triggered
+        # checkpoints in the callbacks' on_train_batch_end, before the module's, so an update made
+        # there was missing from a mid-epoch checkpoint and a resume from it diverged.
+        step = self.trainer.global_step + 1  # Lightning counts this step once optimizer_step returns
         bcast = (lambda t: self.trainer.strategy.broadcast(t, src=0)) if self.trainer.world_size > 1 else None
-        info = self.dynamic_rank.after_step(step, broadcast=bcast)
+        self._rank_step = (step, self.dynamic_rank.after_step(step, broadcast=bcast))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.dynamic_rank is None or self._rank_step is None:
+            return  # no optimizer step happened (gradient accumulation)
+        (step, info), self._rank_step = self._rank_step, None
+        self._last_step = step
         self.log("dora/live_components", float(info["live"]), on_step=True, on_epoch=False)
         if "threshold" in info:
             self.log("dora/threshold", info["threshold"], on_step=True, on_epoch=False)
@@ -242,6 +254,11 @@ class AdapterTask(L.LightningModule):
         checkpoint["state_dict"] = keep
         checkpoint["adapter_meta"] = adapter_meta(self.net) if hasattr(self.net, "_adapter_meta") else None
         checkpoint["bases_checksum"] = bases_checksum(self.net)
+        if self.run_record is not None:  # settings, base model and dataset: checked by a resume (runfolder.py)
+            checkpoint["randlora_run"] = self.run_record
+
+    # the run's record (settings, base model and dataset identity), set by randlora.train.run
+    run_record = None
 
     def check_checkpoint(self, checkpoint: dict) -> None:
         """Raise a ValueError if ``checkpoint`` was not trained with this task's adapter: another method,

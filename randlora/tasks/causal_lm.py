@@ -1,14 +1,19 @@
 """Instruction tuning of a causal LM and the commonsense evaluation of the paper (§5.4, App. C.4).
 
-Training: the Alpaca prompt plus the record's output and EOS, cut at ``task.cutoff_len`` (paper 256);
-the loss covers the whole sequence (``task.train_on_inputs: true``, the paper's code) or only the
-response (``false``).
+Training: the prompt (``task.prompt_template``: ``llm_adapters``, the paper's template byte for byte,
+or ``alpaca``) plus the record's output and EOS, cut at ``task.cutoff_len`` (paper 256); the loss
+covers the whole sequence (``task.train_on_inputs: true``, the paper's code) or only the response
+(``false``). docs/commonsense.md describes the protocol and where it differs from the paper's code.
 
 Evaluation (``task.evaluator``):
 
 * ``generate`` (default): greedy decoding (``task.num_beams`` > 1 for beam search; the paper used 4)
-  of up to ``task.max_new_tokens`` tokens, then the first answer token of the record's format
-  (true/false, solutionN, answerN, optionN, endingN) is compared with the gold answer. Logged as
+  of up to ``task.max_new_tokens`` tokens, stopping at the model's end-of-sequence tokens (its
+  generation config's, as transformers does for the upstream script), then the answer is extracted
+  (``task.answer_extraction``): ``paper`` (default) / ``llm_adapters`` decode prompt + generation,
+  cut the response at "### Response:" and take the first match of the task's case-sensitive
+  alternatives, as the upstream evaluation scripts; ``lenient`` takes the first whole-word,
+  case-insensitive answer token of the continuation. It is compared with the gold answer. Logged as
   ``test/acc_<task>`` and ``test/acc`` (mean of the per-task accuracies), and ``val/acc``.
 * ``loglik``: ranks the candidate answers (from the record's "Answer format: ..." line) by the
   log-likelihood of ``<prompt><answer_prefix><candidate>``; one forward pass per candidate, no
@@ -26,13 +31,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..adapters import merge, unmerge
-from ..data.commonsense import extract_answer
+from ..data.commonsense import (
+    ANSWER_EXTRACTIONS,
+    PROMPT_TEMPLATES,
+    extract_answer,
+    extract_answer_upstream,
+    response_text,
+)
 from .base import AdapterTask, apply_adapter
 
 EVALUATORS = ("generate", "loglik", "both")
 _TASK_DEFAULTS = {"cutoff_len": 256, "train_on_inputs": True, "evaluator": "generate", "num_beams": 1,
                   "max_new_tokens": 32, "answer_prefix": "the correct answer is ", "merge_for_test": False,
-                  "loglik_batch_size": 0}
+                  "loglik_batch_size": 0, "prompt_template": "llm_adapters", "answer_extraction": "paper"}
 
 
 def _options(task_cfg) -> dict:
@@ -42,6 +53,11 @@ def _options(task_cfg) -> dict:
     opts = {k: (t[k] if t.get(k) is not None else v) for k, v in _TASK_DEFAULTS.items()}
     if opts["evaluator"] not in EVALUATORS:
         raise ValueError(f"task.evaluator={opts['evaluator']!r}; choose one of {list(EVALUATORS)}")
+    if opts["prompt_template"] not in PROMPT_TEMPLATES:
+        raise ValueError(f"task.prompt_template={opts['prompt_template']!r}; choose one of {list(PROMPT_TEMPLATES)}")
+    if opts["answer_extraction"] not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"task.answer_extraction={opts['answer_extraction']!r}; choose one of "
+                         f"{list(ANSWER_EXTRACTIONS)}")
     for k in ("cutoff_len", "num_beams", "max_new_tokens"):
         if isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] < 1:
             raise ValueError(f"task.{k}={opts[k]!r} must be a positive integer")
@@ -50,12 +66,20 @@ def _options(task_cfg) -> dict:
     return opts
 
 
-def is_correct(generated: str, gold: str, fmt: str) -> bool:
-    """Whether a generated text answers ``gold``: the first answer token of the format, or (for
-    records of no known format) the gold text appearing in the output."""
+def is_correct(generated: str, gold: str, fmt: str, extraction: str = "lenient") -> bool:
+    """Whether a generated text answers ``gold``. ``lenient``: ``generated`` is the continuation and its
+    first answer token of the format counts. ``paper`` / ``llm_adapters``: ``generated`` is the decoded
+    prompt + continuation; the answer is LLM-Adapters' extraction from the response cut as that script
+    cuts it, compared with the gold answer as given. Records of no known format: the gold text appearing
+    in the response."""
+    if extraction == "lenient":
+        if fmt:
+            return extract_answer(generated, fmt) == gold
+        return bool(gold) and gold in str(generated).lower()
+    response = response_text(generated, extraction)
     if fmt:
-        return extract_answer(generated, fmt) == gold
-    return bool(gold) and gold in str(generated).lower()
+        return extract_answer_upstream(response, fmt) == gold
+    return bool(gold) and gold in response
 
 
 def dedupe_rows(rows) -> list[list[int]]:
@@ -94,6 +118,7 @@ class CausalLMTask(AdapterTask):
         self.tokenizer = bundle.tokenizer
         self.opts = opts
         self.evaluator = opts["evaluator"]
+        self.extraction = opts["answer_extraction"]
         self.task_names: list[str] = ["val"]
         self._rows: list[list[int]] = []
         self._merged_for_test = False
@@ -104,7 +129,8 @@ class CausalLMTask(AdapterTask):
         datamodule.attach_tokenizer(self.tokenizer, cutoff_len=self.opts["cutoff_len"],
                                     train_on_inputs=self.opts["train_on_inputs"],
                                     answer_prefix=self.opts["answer_prefix"],
-                                    loglik=self.evaluator in ("loglik", "both"))
+                                    loglik=self.evaluator in ("loglik", "both"),
+                                    prompt_template=self.opts["prompt_template"])
         names = getattr(datamodule, "test_tasks", None)
         if names:
             self.task_names = ["val"] + [t for t in names if t != "val"]
@@ -132,19 +158,30 @@ class CausalLMTask(AdapterTask):
         return self.task_names.index(name)
 
     @torch.no_grad()
-    def generate_texts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        """Decoded continuations of left-padded prompts (greedy, or beam search with num_beams > 1)."""
+    def generate_texts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       with_prompt: bool = False) -> list[str]:
+        """Decoded continuations of left-padded prompts (greedy, or beam search with num_beams > 1);
+        ``with_prompt``: each prompt (without its padding) and its continuation decoded together, as the
+        upstream evaluation decodes its (unpadded, batch-1) sequences."""
         from transformers import GenerationConfig
         tok = self.tokenizer
+        # the model's own end-of-sequence tokens (e.g. Qwen2-Instruct's and Phi-3's lists), as transformers
+        # uses them when the upstream script passes a generation config without any
+        eos = getattr(getattr(self.net, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tok.eos_token_id
         cfg = GenerationConfig(max_new_tokens=self.opts["max_new_tokens"], num_beams=self.opts["num_beams"],
-                               do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                                bos_token_id=tok.bos_token_id, use_cache=True)
         # eager even when the blocks are compiled: decoding with a KV cache specialises every layer on its
         # cache slot (2 graphs per layer and step kind), which would exhaust dynamo's recompile limit and
         # leave the training steps after it running eager
         with torch.compiler.set_stance("force_eager"):
             seqs = self.net.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
-        return tok.batch_decode(seqs[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+        new = seqs[:, prompt_ids.shape[1]:]
+        if not with_prompt:
+            return tok.batch_decode(new, skip_special_tokens=True)
+        rows = [torch.cat([p[m.bool()], n.to(p.device)]) for p, m, n in zip(prompt_ids, prompt_mask, new)]
+        return [tok.decode(r, skip_special_tokens=True) for r in rows]
 
     @torch.no_grad()
     def candidate_scores(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -188,8 +225,10 @@ class CausalLMTask(AdapterTask):
             self.log_eval_loss(stage, out.loss, n)  # batch token-means, weighted by the batch's examples
         gen_ok = [-1] * n
         if self.evaluator in ("generate", "both"):
-            texts = self.generate_texts(batch["prompt_ids"], batch["prompt_mask"])
-            gen_ok = [int(is_correct(t, a, f)) for t, a, f in zip(texts, batch["answers"], batch["formats"])]
+            texts = self.generate_texts(batch["prompt_ids"], batch["prompt_mask"],
+                                        with_prompt=self.extraction != "lenient")
+            gen_ok = [int(is_correct(t, a, f, self.extraction))
+                      for t, a, f in zip(texts, batch["answers"], batch["formats"])]
         ll_ok = self._loglik_correct(batch) if self.evaluator in ("loglik", "both") else [-1] * n
         for i in range(n):
             task = "val" if stage == "val" else batch["tasks"][i]

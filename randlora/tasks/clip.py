@@ -12,6 +12,13 @@ Training loss (``loss``):
 trained temperature; ``raw`` multiplies by logit_scale itself (about 4.6), as the official code did.
 Evaluation always scores every class. ``text_tower: frozen`` is the vision-only variant: only the
 image tower is adapted and the zero-shot text head is computed once and kept frozen.
+
+Class head (``head``): ``single`` embeds ``prompt.format(name)`` per class; ``ensemble`` averages the
+normalised embeddings of the dataset's curated templates per class and normalises the mean (CLIP's
+prompt ensemble); ``auto`` (default) is what the paper's code does: the ensemble for the vision-only
+experiments (``text_tower: frozen``, paper §5.2) and the single prompt "An image of {}" for
+vision-language training and evaluation (§5.3). Class names come from the data module: the curated
+names of the paper's datasets, never bare label ids.
 """
 from __future__ import annotations
 
@@ -23,14 +30,27 @@ from .base import AdapterTask, apply_adapter
 
 
 class ClipTask(AdapterTask):
-    def __init__(self, bundle, class_names, adapter_cfg, optim: dict, prompt: str = "An image of {}.",
-                 loss: str = "in_batch", logit_scale: str = "exp", text_tower: str = "train"):
+    def __init__(self, bundle, class_names, adapter_cfg, optim: dict, prompt: str = "An image of {}",
+                 loss: str = "in_batch", logit_scale: str = "exp", text_tower: str = "train",
+                 templates=None, head: str = "auto"):
         if loss not in ("in_batch", "in_batch_official", "all_classes"):
             raise ValueError(f"task.loss={loss!r}; choose in_batch, in_batch_official or all_classes")
         if logit_scale not in ("exp", "raw"):
             raise ValueError(f"task.logit_scale={logit_scale!r}; choose exp or raw")
         if text_tower not in ("train", "frozen"):
             raise ValueError(f"task.text_tower={text_tower!r}; choose train or frozen")
+        if head not in ("auto", "single", "ensemble"):
+            raise ValueError(f"task.head={head!r}; choose auto, single or ensemble")
+        if not class_names:
+            raise ValueError("CLIP needs class names (it scores the text of each class): the dataset has unnamed "
+                             "labels and no curated list; set data.class_names=[...] in label order")
+        if "{}" not in str(prompt):
+            raise ValueError(f"task.prompt={prompt!r} needs a {{}} where the class name goes")
+        if head == "auto":
+            head = "ensemble" if text_tower == "frozen" and templates else "single"
+        if head == "ensemble" and not templates:
+            raise ValueError("task.head=ensemble needs the dataset's prompt templates; this dataset has no curated "
+                             "templates (randlora/data/vision_datasets.json): use task.head=single")
         net = bundle.backbone
         targets = list(bundle.default_targets)
         if text_tower == "frozen":  # adapt the image tower only
@@ -48,8 +68,12 @@ class ClipTask(AdapterTask):
         self.tokenizer = bundle.tokenizer
         self.class_names = list(class_names)
         self.prompts = [prompt.format(c) for c in self.class_names]
-        self.loss_kind, self.scale_kind, self.text_tower = loss, logit_scale, text_tower
+        self.loss_kind, self.scale_kind, self.text_tower, self.head_kind = loss, logit_scale, text_tower, head
+        self.templates = list(templates) if head == "ensemble" else [prompt]
         self.register_buffer("prompt_tokens", self.tokenizer(self.prompts), persistent=False)
+        if head == "ensemble":  # class-major: the templates of class 0, then of class 1, ...
+            self.register_buffer("head_tokens", self.tokenizer([t.format(c) for c in self.class_names
+                                                                for t in self.templates]), persistent=False)
         self._frozen_head = None
         n = len(self.class_names)
         self.val_acc = MulticlassAccuracy(n, average="micro")
@@ -62,13 +86,26 @@ class ClipTask(AdapterTask):
     def encode_text(self, idx):
         return F.normalize(self.net.encode_text(self.prompt_tokens[idx]), dim=-1)
 
+    def _ensemble_head(self):
+        """Per class: the mean of its templates' normalised text embeddings, normalised again."""
+        feats = []
+        for chunk in self.head_tokens.split(1024):
+            feats.append(F.normalize(self.net.encode_text(chunk), dim=-1))
+        per_class = torch.cat(feats).view(len(self.class_names), len(self.templates), -1)
+        return F.normalize(per_class.mean(1), dim=-1)
+
+    def _head(self):
+        if self.head_kind == "ensemble":
+            return self._ensemble_head()
+        return self.encode_text(torch.arange(len(self.prompts), device=self.device))
+
     def class_head(self):
         if self.text_tower == "frozen":
             if self._frozen_head is None:
                 with torch.no_grad():
-                    self._frozen_head = self.encode_text(torch.arange(len(self.prompts), device=self.device))
+                    self._frozen_head = self._head()
             return self._frozen_head
-        return self.encode_text(torch.arange(len(self.prompts), device=self.device))
+        return self._head()
 
     def forward(self, images):
         img = F.normalize(self.net.encode_image(images), dim=-1)

@@ -1,0 +1,131 @@
+"""Every input refused before work starts, one test per row of docs/refused-inputs.md.
+
+The tests read the rows of that document (example overrides, the message excerpt, the function that
+checks it), so the table and the tests cannot drift: a row whose input is accepted, whose message
+changed, or that is checked elsewhere fails here. The second table of the document lists the refusals
+tested by tests/test_reliability.py (``BAD``); a test checks that it matches that list row for row.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+from randlora.validate import check_known_keys, known_keys, validate_config
+from tests.helpers import ROOT, compose_cfg, train_cli
+
+DOC = ROOT / "docs" / "refused-inputs.md"
+PKG = str(ROOT / "randlora")
+
+
+def doc_rows(section: str) -> list[tuple[str, list[str], str, str]]:
+    """(key, overrides, message excerpt, checked in) of each row of the table under ``## <section>``."""
+    text = DOC.read_text()
+    start = text.index(f"## {section}")
+    end = text.find("\n## ", start + 1)
+    rows = []
+    for line in text[start:end if end > 0 else None].splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 4, line
+        key, example, message, where = (re.sub(r"^`|`$", "", c) for c in cells)
+        rows.append((key, example.split(), message.replace("\\|", "|"), where))
+    assert rows, f"no rows under '## {section}' in {DOC}"
+    return rows
+
+
+NEW = doc_rows("Refused since issue 20")
+EARLIER = doc_rows("Refused before issue 20")
+
+
+def _raised_in(exc: BaseException) -> str:
+    """``randlora/<module>.py::<function>`` of the innermost randlora frame that raised ``exc``."""
+    where = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        path = frame.f_code.co_filename
+        if path.startswith(PKG):
+            where = f"{Path(path).relative_to(ROOT)}::{frame.f_code.co_name}"
+    return where
+
+
+def _refusal(overrides, message, where) -> str:
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ValueError) as e:
+        validate_config(cfg)
+    text = str(e.value)
+    assert message in text
+    assert "\n" not in text and len(text) < 1500
+    assert _raised_in(e.value) == where
+    return text
+
+
+@pytest.mark.parametrize("key,overrides,message,where", NEW, ids=[" ".join(o) for _, o, _, _ in NEW])
+def test_refused_since_issue_20(key, overrides, message, where):
+    """Each row was accepted silently, or failed late with a traceback or a misleading message."""
+    text = _refusal(overrides, message, where)
+    assert key in text  # the line names the key
+
+
+@pytest.mark.parametrize("key,overrides,message,where", EARLIER, ids=[" ".join(o) for _, o, _, _ in EARLIER])
+def test_refused_before_issue_20(key, overrides, message, where):
+    _refusal(overrides, message, where)
+
+
+def test_earlier_table_is_test_reliability_bad():
+    from tests.test_reliability import BAD
+    assert [(o, m) for _, o, m, _ in EARLIER] == [(list(o), m) for o, m in BAD]
+
+
+@pytest.mark.slow
+def test_shipped_configs_use_known_keys_only():
+    """Every option of every config group composes to a config whose keys are all known, so the key
+    check refuses typos and never a shipped config."""
+    root = ROOT / "configs"
+    n = 0
+    for group in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        for f in sorted((root / group).rglob("*.yaml")):
+            option = f.relative_to(root / group).with_suffix("").as_posix()
+            prefix = "+" if group == "basis" else ""  # not in train.yaml's defaults list
+            check_known_keys(compose_cfg([f"{prefix}{group}={option}"]))
+            n += 1
+    assert n > 100
+
+
+def test_known_keys_follow_the_yaml_files(tmp_path):
+    """A key added to a shipped YAML file is known without touching randlora/validate.py; a
+    ``# @package`` header places a file's keys where Hydra puts them."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "setting").mkdir()
+    (tmp_path / "train.yaml").write_text("defaults:\n  - data: a\nseed: 1\noptim: {lr: 1}\n")
+    (tmp_path / "data" / "a.yaml").write_text("name: a\nnew_key: 3\nsub: {x: 1}\n")
+    (tmp_path / "setting" / "k.yaml").write_text("# @package data\nshots: 1\n")
+    tree = known_keys(str(tmp_path))
+    assert tree["data"] == {"name": None, "new_key": None, "sub": {"x": None}, "shots": None}
+    assert tree["optim"] == {"lr": None} and tree["seed"] is None
+    check_known_keys({"seed": 2, "data": {"new_key": 1, "sub": {"x": 2}}}, config_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data\.sub\.y is not a known key of data\.sub"):
+        check_known_keys({"data": {"sub": {"y": 2}}}, config_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_cli_refusal_is_one_line_exit_2_no_traceback(tmp_path):
+    out = train_cli(["++trainer.max_epoch=3", f"hydra.run.dir={tmp_path}"], timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: trainer.max_epoch is not a known key of trainer (it would be ignored); "
+                     "did you mean trainer.max_epochs? Fix the spelling or remove it"], out.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+if __name__ == "__main__":  # print the computed "checked in" of rows (to write new rows of the table)
+    for ov in sys.argv[1:]:
+        try:
+            validate_config(compose_cfg(ov.split()))
+            print(ov, "ACCEPTED")
+        except ValueError as e:
+            print(f"| `{ov}` | {e} | `{_raised_in(e)}` |")
