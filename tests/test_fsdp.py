@@ -199,8 +199,10 @@ def test_fsdp_run_computes_what_a_ddp_run_computes(tmp_path, overrides, exact):
         assert af[k].shape == ad[k].shape and af[k].dtype == ad[k].dtype, k
         if exact:  # replicated tensors, the same all-reduce of the same gradients: bit for bit
             assert torch.equal(af[k], ad[k]), k
-        else:  # reduce-scatter vs all-reduce: the same sums in another order
-            torch.testing.assert_close(af[k], ad[k], rtol=1e-5, atol=1e-6)
+        else:  # reduce-scatter vs all-reduce: the same sums in another order. Adam divides by the
+            # gradient's running RMS, so an element whose gradient is ~0 moves by up to lr x (order noise):
+            # 1.2e-6 seen at lr 1e-3 (rtol is meaningless near zero there)
+            torch.testing.assert_close(af[k], ad[k], rtol=1e-5, atol=1e-5)
         moved += 1
     assert moved == len(af) > 0
     quality = sorted(k for k in rd["metrics"] if not k.startswith("perf/"))  # losses, accuracies
