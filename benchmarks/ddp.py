@@ -1,5 +1,5 @@
 """Data-parallel training steps: what DDP's per-step buffer broadcast costs RandLoRA, and what skipping
-the constant buffers (``randlora.distributed``) gives back.
+the constant buffers (``randlora.training.distributed``) gives back.
 
 DDP broadcasts every buffer from rank 0 before each training forward. RandLoRA's random bases are
 buffers (9.4 MB on ViT-B / CLIP, 235 MB at LLaMA-3-8B width), so plain DDP re-sends them at every
@@ -11,7 +11,7 @@ and, in interleaved rounds inside the same processes, times a training step of:
 * ``randlora, DDP default``: RandLoRA at LoRA's budget, DDP as torch configures it;
 * ``randlora, constants skipped``: the same, with ``static_buffer_names`` handed to DDP (the framework).
 
-With ``--fsdp``, two more rows run randlora's FSDP plan (``randlora.distributed.fsdp_strategy``:
+With ``--fsdp``, two more rows run randlora's FSDP plan (``randlora.training.distributed.fsdp_strategy``:
 frozen weights sharded per block, adapters replicated and averaged once per step), for LoRA and
 RandLoRA, and the table gives the parameter bytes each rank holds between steps.
 
@@ -51,7 +51,7 @@ def _configs(spec, runner, lora_r, fsdp=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from randlora.adapters import inject, match_budget
-    from randlora.distributed import static_buffer_names
+    from randlora.buffers import static_buffer_names
 
     base = spec.model
     extra = {"trainable_modules": spec.trainable} if spec.trainable else {}
@@ -105,7 +105,7 @@ def _fsdp_wrap(model, dev):
     (and 0-d parameters) left out and replicated, nothing cast by FSDP."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from randlora.distributed import fsdp_strategy
+    from randlora.training.distributed import fsdp_strategy
     plan = fsdp_strategy(model, dev.type)
     return FSDP(model, mixed_precision=plan.mixed_precision, device_id=dev, **plan.kwargs), plan.replicated
 
@@ -120,7 +120,7 @@ class _SyncThenStep:
         self.opt.zero_grad(set_to_none=set_to_none)
 
     def step(self):
-        from randlora.distributed import all_reduce_mean_grads
+        from randlora.training.distributed import all_reduce_mean_grads
         all_reduce_mean_grads(self.replicated)
         self.opt.step()
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 def _build(overrides):
     from tests.helpers import compose_cfg
     from randlora.models import build_model
-    from randlora.train import build_datamodule, build_task
-    from randlora.validate import effective_lr
+    from randlora.training.build import build_datamodule, build_task
+    from randlora.training.config import effective_lr
     from omegaconf import open_dict
     cfg = compose_cfg(overrides)
     with open_dict(cfg):
@@ -73,7 +73,7 @@ def bare(overrides, epochs, accelerator="cpu", precision="32-true"):
 def framework(overrides, epochs, tmp, accelerator="cpu", precision="32-true"):
     import lightning as L
 
-    from randlora.callbacks import NonFiniteGuard, PerfMonitor
+    from randlora.training.callbacks import NonFiniteGuard, PerfMonitor
 
     class LoopTimer(L.Callback):  # the epochs alone, as the bare loop is timed (no fit() setup)
         def on_train_start(self, trainer, pl_module):

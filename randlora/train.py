@@ -1,15 +1,19 @@
-"""The Hydra entry point: compose, validate, seed, build, fit, test, write results.
+"""The Hydra entry point: one job, from its config to its run folder.
 
     python train.py                                       # the quickstart (tiny ViT, digits, CPU)
     python train.py adapter=lora model=clip_vitb32 data=food101
     python train.py -m adapter=lora,randlora adapter.budget=1e5,4e5
 
-Every run folder holds ``results.json`` (docs/results-schema.md), ``checkpoints/last.ckpt``
-(resumable), ``checkpoints/adapter.safetensors`` (adapter only), CSV metrics and the Hydra config.
+``run(cfg)`` reads top to bottom: check the config, find where the job starts (fresh or a resume),
+resolve every default, check every source, then data -> model -> adapter -> task -> trainer, fit, test,
+and record. The stages live in ``randlora.training`` (``build``: the stages; ``config``: checks and
+defaults; ``resume``: the starting point; ``folder``: the run folder; ``callbacks``, ``checkpoints``,
+``loggers``). Every run folder holds ``results.json`` (docs/results-schema.md),
+``checkpoints/last.ckpt`` (resumable), ``checkpoints/adapter.safetensors`` (adapter only), CSV
+metrics and the Hydra config.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -17,13 +21,13 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+from .errors import SourceUnavailableError, UserError
+from .training.config import CONFIG_DIR
+from .training.folder import resume_run_dir, safe_name_resolver
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-OmegaConf.register_new_resolver("uniq", lambda: secrets.token_hex(3), use_cache=True, replace=True)
-OmegaConf.register_new_resolver("project_root", lambda: PROJECT_ROOT, replace=True)
 
 
 def bases_dtype_for(precision) -> str:
@@ -38,178 +42,18 @@ def bases_dtype_for(precision) -> str:
     return "float32"
 
 
-OmegaConf.register_new_resolver("bases_dtype_for", bases_dtype_for, replace=True)
+for _name, _fn, _cached in (("uniq", lambda: secrets.token_hex(3), True), ("project_root", lambda: PROJECT_ROOT, False),
+                            ("bases_dtype_for", bases_dtype_for, False), ("resume_run_dir", resume_run_dir, False),
+                            ("safe_name", safe_name_resolver, False)):
+    OmegaConf.register_new_resolver(_name, _fn, use_cache=_cached, replace=True)
 
 
-def _register_run_folder_resolvers() -> None:
-    from .runfolder import resume_run_dir, safe_name_resolver
-    OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir, replace=True)
-    OmegaConf.register_new_resolver("safe_name", safe_name_resolver, replace=True)
-
-
-_register_run_folder_resolvers()
-
-
-class UserError(Exception):
-    """A problem with the request (config, weights, data): printed as one message, no traceback."""
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file and rename it over ``path``; on failure (a full disk) the
-    previous file stays and the temporary file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _overrides() -> list[str]:
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def _config_record(cfg) -> dict:
-    """The config for results.json, resolved (the concrete seed, bases dtype, paths); as written where an
-    interpolation cannot be resolved (a Hydra runtime key outside a Hydra job)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - any resolver error: keep the unresolved form
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def _resume_dir(cfg) -> Path | None:
-    """The earlier run's folder when ``resume=<run dir>`` (the run continues there), else None."""
-    return Path(cfg.resume).resolve() if cfg.get("resume") and Path(cfg.resume).is_dir() else None
-
-
-def output_dir(cfg) -> Path:
-    # DDP children re-run this script; they must write into the parent's folder
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get("RANDLORA_RUN_DIR"):
-        return Path(os.environ["RANDLORA_RUN_DIR"])
-    return _resume_dir(cfg) or Path(cfg.paths.output_dir).resolve()
-
-
-def resolve_resume(cfg) -> str | None:
-    """The checkpoint to start from: for ``resume=<run folder>`` the newest complete checkpoint in its
-    ``checkpoints/`` (``last.ckpt``, or a newer top-k file when a kill came between the two saves);
-    ``resume=<file>`` or ``ckpt_path=<file>`` that file."""
-    if cfg.get("resume"):
-        run = Path(cfg.resume)
-        if run.is_dir():
-            from .checkpoint_io import newest_checkpoint, remove_stale_temporaries
-            remove_stale_temporaries(run / "checkpoints")
-            remove_stale_temporaries(run)
-            ckpt = newest_checkpoint(run / "checkpoints")
-            if ckpt is None:
-                raise UserError(f"resume={cfg.resume}: no checkpoint at {run / 'checkpoints' / 'last.ckpt'} (a run "
-                                "folder must contain checkpoints/last.ckpt)")
-            if ckpt.name != "last.ckpt":
-                print(f"[randlora] resuming from {ckpt.name}: the newest complete checkpoint of the run",
-                      file=sys.stderr, flush=True)
-            return str(ckpt)
-        if not run.is_file():
-            raise UserError(f"resume={cfg.resume}: no checkpoint at {run} (a run folder must contain "
-                            "checkpoints/last.ckpt)")
-        return str(run)
-    if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
-    return None
-
-
-def build_datamodule(cfg):
-    from .data.images import ImageDataModule
-    from .models import CLIP_MEAN, CLIP_STD
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    kind = cfg.task.kind
-    if kind == "causal_lm":
-        from .data.commonsense import InstructionDataModule
-        return InstructionDataModule(**d, order_seed=int(cfg.seed))
-    d.setdefault("image_size", cfg.model.get("image_size") or 224)
-    d["image_size"] = cfg.model.get("image_size") or d["image_size"]
-    d["mean"], d["std"] = cfg.model.get("mean") or CLIP_MEAN, cfg.model.get("std") or CLIP_STD
-    d["order_seed"] = int(cfg.seed)
-    d["require_class_names"] = kind == "clip"  # CLIP scores class names: unnamed labels refused before the model
-    return ImageDataModule(**d)
-
-
-def build_task(cfg, bundle, dm):
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    kind = cfg.task.kind
-    if bundle.kind == "vision" and kind == "classification":
-        from .tasks.classification import ClassificationTask
-        return ClassificationTask(bundle, dm.num_classes, cfg.adapter, optim,
-                                  label_smoothing=cfg.task.label_smoothing, head_seed=cfg.seed)
-    if bundle.kind == "clip" and kind == "clip":
-        from .tasks.clip import ClipTask
-        return ClipTask(bundle, dm.class_names, cfg.adapter, optim, prompt=cfg.task.prompt, loss=cfg.task.loss,
-                        logit_scale=cfg.task.logit_scale, text_tower=cfg.task.text_tower,
-                        templates=dm.templates, head=cfg.task.get("head", "auto"))
-    if bundle.kind == "causal_lm" and kind == "causal_lm":
-        from .tasks.causal_lm import CausalLMTask
-        return CausalLMTask(bundle, cfg.adapter, optim, cfg.task)
-    raise UserError(f"task {kind!r} does not fit a {bundle.kind} model ({cfg.model.name})")
-
-
-def trainer_kwargs(cfg, dm) -> dict:
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if t.get("max_epochs") is None:
-        shots = cfg.data.get("shots")
-        t["max_epochs"] = int(cfg.data.get("few_shot_epochs" if shots else "epochs", 1) or 1)
-    eff = cfg.get("effective_batch_size")
-    if eff:
-        per_step = int(cfg.data.batch_size) * _world_size(t)
-        if eff % per_step:
-            raise UserError(f"effective_batch_size={eff} is not a multiple of data.batch_size x devices "
-                            f"= {per_step}; choose a multiple")
-        t["accumulate_grad_batches"] = eff // per_step
-    return {k: v for k, v in t.items() if v is not None}
-
-
-def _world_size(t) -> int:
-    dev = t.get("devices", 1)
-    if isinstance(dev, int) and dev > 0:
-        n = dev
-    elif isinstance(dev, (list, tuple)):
-        n = len(dev)
-    else:
-        import torch
-        n = max(1, torch.cuda.device_count())
-    return n * int(t.get("num_nodes", 1) or 1)
-
-
-def _run_summary_fields(cfg) -> dict:
-    return {"method": cfg.adapter.method, "model": cfg.model.name, "dataset": cfg.data.name, "task": cfg.task.kind,
-            "seed": int(cfg.seed), "r": cfg.adapter.get("r"), "budget": cfg.adapter.get("budget"),
-            "shots": cfg.data.get("shots"), "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group")}
-
-
-def _start_from_checkpoint(cfg, ckpt: str, out: Path):
-    """Load the checkpoint a run starts from (weights-only, checksums verified) and, for a resume,
-    the config the run continues with (its recorded settings; see ``runfolder.resume_config``).
-    Returns (cfg, checkpoint, run record, override list)."""
-    from . import runfolder as rf
-    from .checkpoint_io import load_checkpoint_file
-    state = load_checkpoint_file(ckpt)
-    record = state.get("randlora_run")
-    resuming = bool(cfg.get("resume")) or bool(cfg.train)
-    run_dir = _resume_dir(cfg)
-    previous = rf.read_results(run_dir / "results.json") if run_dir is not None else None
-    recorded_config = (record or {}).get("config") or (previous or {}).get("config")
-    recorded_overrides = rf.recorded_overrides(run_dir, record, previous)
-    current = rf.current_overrides()
-    overrides = [o for o in (current or []) if not rf.is_attempt(rf.override_key(o))]
-    if resuming and recorded_config:
-        cfg, overrides = rf.resume_config(cfg, recorded_config, recorded_overrides, current,
-                                          compose=rf.hydra_compose if current is not None else None)
-    elif resuming:
-        print(f"[randlora] warning: {ckpt} holds no record of its run's settings (written by an older randlora); "
-              "the settings, base model and dataset of this resume are not checked against it", file=sys.stderr,
-              flush=True)
-    return cfg, state, record, overrides
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside a Hydra job: no overrides
+        return []
 
 
 def run(cfg: DictConfig) -> dict:
@@ -217,146 +61,107 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from . import runfolder as rf
-    from .callbacks import (AdapterCheckpoint, ExactResume, KillAtStep, NonFiniteGuard, PerfMonitor,
-                            RunCheckpoint)
-    from .checkpoint_io import AtomicCheckpointIO
     from .loggers import build_loggers, finish_wandb
     from .models import build_model
-    from .sources import check_sources
-    from .validate import effective_lr, validate_config
+    from .training import folder as rf
+    from .training import resume
+    from .training.build import ParameterCounts, adapt, build_datamodule, build_task, compile_task
+    from .training.checkpoints import check_checkpoint, load_trained_tensors
+    from .training.config import resolve, validate_config
+    from .training.preflight import check_sources
 
-    out = output_dir(cfg)
+    out = resume.output_dir(cfg)
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    os.environ["RANDLORA_RUN_DIR"] = str(out)
     results_path = out / "results.json"
-    overrides = _overrides()
-    results = {"status": "running", "error": None, **_run_summary_fields(cfg), "params": {}, "metrics": {},
-               "perf": {}, "run_dir": str(out), "overrides": overrides,
-               "config": _config_record(cfg)}
-    # resume=<run dir> continues an earlier run in its own folder: until this attempt has passed its checks
-    # and starts, a failure must leave that run's results.json as it was
-    resuming_dir = _resume_dir(cfg) is not None
-    continuing = resuming_dir and results_path.exists()
-    started = False
-    locked = False  # only the process holding the folder's lock writes into it
+    command = _overrides()
+    results = {"status": "running", "error": None, **_summary_fields(cfg), "params": {}, "metrics": {},
+               "perf": {}, "run_dir": str(out), "overrides": command, "config": rf.config_record(cfg)}
     attempt = {"started": rf.now(), "ended": None, "status": "running", "error": None, "pid": os.getpid(),
-               "host": rf.hostname(), "command_overrides": overrides, "resumed_from": None}
+               "host": rf.hostname(), "command_overrides": command, "resumed_from": None}
+    # resume=<run folder> continues an earlier run in its own folder: until this attempt has passed its
+    # checks and starts, a failure must leave that run's results.json as it was
+    continuing = resume.resume_dir(cfg) is not None and results_path.exists()
+    started = locked = False
     try:
-        if rank0:
-            checked = rf.is_held(out)  # by the Hydra callback, before Hydra wrote into the folder
-            rf.acquire(out)
-            locked = True
-            if not resuming_dir and not checked and rf.holds_run(out):
-                locked = False  # the folder's results are another run's: leave them as they are
-                rf.release(out)
-                raise rf.RunFolderError(f"{out} already holds a run (results.json / checkpoints): a new run would "
-                                        f"overwrite it; continue it with resume={out}, or use another output folder")
+        locked = rank0 and _lock(out, cfg)  # only the process holding the folder's lock writes into it
         validate_config(cfg)  # cheap checks first: nothing is built before they pass
         rf.check_file_name(cfg.get("task_name", "train"), "task_name")
-        ckpt = resolve_resume(cfg)
-        state = record = None
-        if ckpt is not None:
-            # the checkpoint, read weights-only and verified, before anything is built; a resume continues
-            # with the run's own settings (a new override that changes what it computes is refused)
-            cfg, state, record, overrides = _start_from_checkpoint(cfg, ckpt, out)
-            validate_config(cfg)
-            results.update(_run_summary_fields(cfg), overrides=overrides, config=_config_record(cfg))
-            resumed = (state.get("callbacks") or {}).get("ExactResume") or {}
-            attempt["resumed_from"] = {"checkpoint": str(ckpt), "global_step": int(state.get("global_step", 0)),
-                                       "epoch": resumed.get("epoch", state.get("epoch"))}
-        else:
-            overrides = [o for o in overrides if not rf.is_attempt(rf.override_key(o))]
-            results["overrides"] = overrides
-        # the settings as composed (optim.lr null: the method's default), recorded in checkpoints
-        recorded = {k: v for k, v in _config_record(cfg).items() if k != "paths"}
+        start = resume.plan(cfg, command)  # a checkpoint is read weights-only and verified here
+        if start.state is not None:
+            validate_config(start.cfg)  # a resume's recorded settings
+        cfg = resolve(start.cfg)  # every default made explicit: what is recorded is what trains
+        results.update(_summary_fields(cfg), overrides=start.overrides, config=rf.config_record(cfg))
+        attempt["resumed_from"] = start.resumed_from
         check_sources(cfg)  # every unreadable source of the job in one message, before any download
-        with open_dict(cfg):
-            cfg.optim.lr = float(effective_lr(cfg))
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        dm = build_datamodule(cfg)
-        dm.setup("fit")  # data errors (labels, shots) surface before the model is built
-        data_id = rf.data_identity(cfg, dm)
+
+        data = build_datamodule(cfg)
+        data.setup("fit")  # data errors (labels, shots, splits) surface before the model is loaded
         bundle = build_model(cfg.model)
-        model_id = rf.model_identity(cfg, bundle.backbone)
-        if state is not None:  # another base model or dataset is refused before anything is written
-            rf.check_identity(record, model_id, data_id,
+        identity = {"model": rf.model_identity(cfg, bundle.backbone), "data": rf.data_identity(cfg, data)}
+        if start.state is not None:  # another base model or dataset is refused before anything is written
+            rf.check_identity(start.record, identity["model"], identity["data"],
                               "resume with the run's own model and data" if cfg.train else
                               "evaluate it with the model and data it was trained on")
-        task = build_task(cfg, bundle, dm)
-        task.run_record = {"format": 1, "overrides": overrides, "model": model_id, "data": data_id,
-                           "config": recorded}
-        if state is not None:  # a checkpoint of another adapter is refused before anything is written
-            task.check_checkpoint(state)
+        network, adapter = adapt(cfg, bundle, data)
+        task = build_task(cfg, bundle, data, network, adapter)
+        counts = ParameterCounts(task)  # whole-model counts, before any sharding
+        if start.state is not None:  # a checkpoint of another adapter is refused before anything is written
+            check_checkpoint(task.net, start.state)
             if not cfg.train:  # evaluation only: the checkpoint's trained tensors are the model to test
-                task.load_trained_tensors(state)
-        # a resume in the run's own folder keeps that folder's earlier metrics rows (runfolder.make_csv_writer)
-        resume_step = int(state.get("global_step", 0)) if state is not None and cfg.train and resuming_dir else None
-        resume_epoch = resumed.get("epoch") if resume_step is not None else None
-        del state
-        results["compile"] = _compile(cfg, task, verbose=rank0)
-        results["r"] = task.adapter_info.get("r")
-        results["params"] = task.parameter_summary()
-        results["data"] = dm.sampling_summary() if hasattr(dm, "sampling_summary") else {}
-        results["identity"] = {"model": model_id, "data": data_id}
-        previous = rf.read_results(results_path) if continuing else None
-        results["attempts"] = rf.attempts_before(previous) + [attempt]
+                load_trained_tensors(task, start.state)
+        start.state = None
+        results["compile"] = compile_task(cfg, task, verbose=rank0)
+
+        match = adapter.get("budget_match")
+        if match and rank0:  # the achieved count and the rank mix, and what a degenerate match compares
+            print(f"[randlora] budget: {match['summary']}", flush=True)
+            for w in match["warnings"]:
+                print(f"[randlora] budget warning: {w}", file=sys.stderr, flush=True)
+        results.update(r=adapter["r"], adapter=adapter, params=counts.summary(), identity=identity,
+                       data=data.sampling_summary() if hasattr(data, "sampling_summary") else {},
+                       attempts=rf.attempts_before(rf.read_results(results_path) if continuing else None) + [attempt])
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(results_path, results)
-            table = task.parameter_table_text()
+            rf.write_json_atomic(results_path, results)
+            table = counts.table()
             if table:
                 (out / "parameters.txt").write_text(table + "\n")
-        run_name = f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
-        loggers, notes = build_loggers(cfg, str(out), run_name, r=results["r"])
-        rf.use_durable_csv(loggers, resume_step, resume_epoch)
-        perf = PerfMonitor()
-        ck = cfg.callbacks.checkpoint
-        callbacks = [perf, NonFiniteGuard(str(out / "checkpoints")),
-                     ExactResume(int(cfg.seed), cuda_stream=not task.cudagraphs),
-                     RunCheckpoint(dirpath=str(out / "checkpoints"), save_last=ck.save_last, save_top_k=1,
-                                   every_n_epochs=None if cfg.callbacks.get("checkpoint_every_n_train_steps")
-                                   else ck.every_n_epochs,
-                                   every_n_train_steps=cfg.callbacks.get("checkpoint_every_n_train_steps"))]
-        if cfg.callbacks.get("kill_at_step") is not None:
-            callbacks.append(KillAtStep(cfg.callbacks.kill_at_step))
-        if cfg.callbacks.adapter_checkpoint:
-            callbacks.append(AdapterCheckpoint(str(out / "checkpoints")))
-        tkw = trainer_kwargs(cfg, dm)
-        if tkw.get("strategy") == "fsdp":  # per-block units, replicated adapters (randlora/distributed.py)
-            from .distributed import fsdp_strategy
-            acc = tkw.get("accelerator", "auto")
-            on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
-            tkw["strategy"] = fsdp_strategy(task, "cpu" if on_cpu else "gpu")
-        trainer = L.Trainer(**tkw, logger=loggers, callbacks=callbacks,
-                            plugins=[AtomicCheckpointIO()], default_root_dir=str(out), enable_model_summary=False)
+
+        loggers, notes = build_loggers(cfg, str(out), _run_name(cfg), r=results["r"])
+        rf.use_durable_csv(loggers, start.resume_step, start.epoch if start.resume_step is not None else None)
+        run_record = {"format": 1, "overrides": start.overrides, **identity,
+                      "config": {k: v for k, v in results["config"].items() if k != "paths"}}
+        trainer, perf = _trainer(cfg, task, out, loggers, run_record, results["compile"])
         t0 = time.time()
         if cfg.train:
-            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+            trainer.fit(task, datamodule=data, ckpt_path=start.ckpt, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if cfg.test:
-            for row in trainer.test(task, datamodule=dm, verbose=False):
+            for row in trainer.test(task, datamodule=data, verbose=False):
                 metrics.update({k: float(v) for k, v in row.items()})
         results["metrics"] = _finite_check(metrics)
-        results["params"] = task.parameter_summary()  # final counts (DoRA-DR: after pruning)
+        results["params"] = counts.summary()  # final counts (DoRA-DR: after pruning)
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
-        results["bases_checksum"] = task.bases_checksum
+        from .adapters import bases_checksum
+        results["bases_checksum"] = bases_checksum(task.net)
         results["status"] = "completed"
         attempt.update(status="completed", ended=rf.now(), metrics=results["metrics"])
         if rank0:
-            write_json_atomic(results_path, results)
+            rf.write_json_atomic(results_path, results)
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         attempt.update(status="failed", ended=rf.now(), error=results["error"])
-        if rank0 and locked and (started or not continuing):
+        if locked and (started or not continuing):
             try:
-                write_json_atomic(results_path, results)
+                rf.write_json_atomic(results_path, results)
             except OSError as w:
+                status = (rf.read_results(results_path) or {}).get("status", "missing")
                 print(f"[randlora] error: the failure could not be recorded in {results_path} ({type(w).__name__}: "
-                      f"{w}); that file still reads {_status_on_disk(results_path)!r}. The run failed with: "
-                      f"{results['error']}", file=sys.stderr, flush=True)
+                      f"{w}); that file still reads {status!r}. The run failed with: {results['error']}",
+                      file=sys.stderr, flush=True)
         raise
     else:
         # reporting comes after the completed results.json: a W&B or printing problem here is
@@ -377,50 +182,72 @@ def run(cfg: DictConfig) -> dict:
             rf.release(out)
 
 
-def _status_on_disk(path: Path) -> str:
-    from .runfolder import read_results
-    r = read_results(path)
-    return (r or {}).get("status", "missing")
+def _lock(out: Path, cfg) -> bool:
+    """Take the run folder's lock (refused, naming the holder, when another process has it); a fresh
+    run into a folder that already holds a run is refused, so nothing overwrites it."""
+    from .training import folder as rf
+    from .training.resume import resume_dir
+    checked = rf.is_held(out)  # by the Hydra callback, before Hydra wrote into the folder
+    rf.acquire(out)
+    if resume_dir(cfg) is None and not checked and rf.holds_run(out):
+        rf.release(out)  # the folder's results are another run's: leave them as they are
+        raise rf.RunFolderError(f"{out} already holds a run (results.json / checkpoints): a new run would "
+                                f"overwrite it; continue it with resume={out}, or use another output folder")
+    return True
 
 
-def _compile(cfg, task, verbose: bool = True) -> dict:
-    """torch.compile the task's network in place, as ``cfg.compile`` says; a short record of it."""
-    from .compile import compile_model, normalise_options
-    from .validate import compile_options
-    opts = compile_options(cfg)
-    if normalise_options(opts) is not None:
-        import torch._dynamo
-        # a fresh cache per job: in a multirun every job compiles its own adapter variant of the same
-        # block class, and entries left by earlier jobs counted against the recompile limit (the 17th
-        # job of a sweep ran eager)
-        torch._dynamo.reset()
-    info = compile_model(task.net, opts)
-    if not info["enabled"]:
-        return info
-    task.cudagraphs = info["mode"] in ("reduce-overhead", "max-autotune")
-    outside = info["adapted_layers_not_compiled"]
-    info["modules"], info["adapted_layers_not_compiled"] = len(info.pop("compiled")), len(outside)
-    if verbose:
-        print(f"torch.compile ({info['scope']} scope, mode {info['mode'] or 'default'}, {info['backend']}): "
-              f"{info['modules']} modules of {', '.join(info['classes'])}; the first steps include compile time",
-              flush=True)
-        if outside:
-            print(f"torch.compile: {len(outside)} adapted layers lie outside the compiled blocks and run eager "
-                  f"(e.g. {outside[0]})", flush=True)
-    return info
-
-
-def _release_memory() -> None:
-    """Free a finished job's tensors before the next job of a multirun run in the same process (a
-    launcher such as submitit's local one, or RANDLORA_INPROCESS_JOBS=1). Called by
-    ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
-    Lightning's trainer <-> module references form a cycle that only a collection breaks."""
-    import gc
-
+def _trainer(cfg, task, out: Path, loggers, run_record: dict, compiled: dict):
+    """The Lightning Trainer of the resolved config with randlora's callbacks, and its PerfMonitor."""
+    import lightning as L
     import torch
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+
+    from .training.build import trainer_kwargs
+    from .training.callbacks import (AdapterCheckpoint, ConstantBuffersCheck, CudaGraphSteps, ExactResume,
+                                     KillAtStep, NonFiniteGuard, PerfMonitor, RankHeatmap, RunCheckpoint)
+    from .training.checkpoints import AtomicCheckpointIO, TrainedTensors
+    ckdir = str(out / "checkpoints")
+    c = cfg.callbacks
+    every_steps = c.get("checkpoint_every_n_train_steps")
+    perf = PerfMonitor()
+    callbacks = [perf, NonFiniteGuard(ckdir), TrainedTensors(run_record), ConstantBuffersCheck(), RankHeatmap(),
+                 ExactResume(int(cfg.seed), cuda_stream=not compiled.get("cudagraphs")),
+                 RunCheckpoint(dirpath=ckdir, save_last=c.checkpoint.save_last, save_top_k=1,
+                               every_n_epochs=None if every_steps else c.checkpoint.every_n_epochs,
+                               every_n_train_steps=every_steps)]
+    if compiled.get("cudagraphs"):
+        callbacks.append(CudaGraphSteps())
+    if c.get("kill_at_step") is not None:
+        callbacks.append(KillAtStep(c.kill_at_step))
+    if c.adapter_checkpoint:
+        callbacks.append(AdapterCheckpoint(ckdir))
+    tkw = trainer_kwargs(cfg)
+    if tkw.get("strategy") == "fsdp":  # per-block units, replicated adapters (randlora/training/distributed.py)
+        from .training.distributed import fsdp_strategy
+        acc = tkw.get("accelerator", "auto")
+        on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+        tkw["strategy"] = fsdp_strategy(task, "cpu" if on_cpu else "gpu")
+    trainer = L.Trainer(**tkw, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                        default_root_dir=str(out), enable_model_summary=False)
+    return trainer, perf
+
+
+def _summary_fields(cfg) -> dict:
+    return {"method": cfg.adapter.method, "model": cfg.model.name, "dataset": cfg.data.name, "task": cfg.task.kind,
+            "seed": int(cfg.seed), "r": cfg.adapter.get("r"), "budget": cfg.adapter.get("budget"),
+            "shots": cfg.data.get("shots"), "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group")}
+
+
+def _run_name(cfg) -> str:
+    return f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+
+
+def _finite_check(metrics: dict) -> dict:
+    import math
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if any(k.endswith("loss") for k in bad):
+        raise FloatingPointError(f"non-finite {', '.join(bad)} at the end of training; lower the learning "
+                                 "rate or the adapter scaling (alpha)")
+    return metrics
 
 
 RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budget", "shots", "fraction", "sweep")
@@ -441,23 +268,6 @@ def _to_wandb(loggers, results: dict) -> None:
             run.summary.update({k: v for k, v in summary.items() if v is not None})
 
 
-def _finite_check(metrics: dict) -> dict:
-    import math
-    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if any(k.endswith("loss") for k in bad):
-        raise FloatingPointError(f"non-finite {', '.join(bad)} at the end of training; lower the learning "
-                                 "rate or the adapter scaling (alpha)")
-    return metrics
-
-
-def _overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return list(HydraConfig.get().overrides.task)
-    except Exception:
-        return []
-
-
 def _print_summary(results: dict, notes: list[str]) -> None:
     p, m = results["params"], results["metrics"]
     lines = ["", f"== {results['method']} on {results['model']} / {results['dataset']} (seed {results['seed']})"]
@@ -469,6 +279,9 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     if p.get("lora_equivalent_rank") is not None:
         lines.append(f"adapter params     {p['adapter']:,}  (r = {results['r']}, LoRA-equivalent rank "
                      f"{p['lora_equivalent_rank']:.2f})")
+    match = (results.get("adapter") or {}).get("budget_match")
+    if match:
+        lines.append(f"budget             {match['summary']}")
     perf = results.get("perf", {})
     if perf.get("samples_per_s"):
         lines.append(f"throughput         {perf['samples_per_s']:.1f} samples/s, peak memory "
@@ -485,21 +298,32 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _release_memory() -> None:
+    """Free a finished job's tensors before the next job of a multirun (same process). Called by
+    ``main`` after ``run`` has returned: run's own frame still holds the trainer and the model, and
+    Lightning's trainer <-> module references form a cycle that only a collection breaks."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def is_multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
         return HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
+    except Exception:  # noqa: BLE001 - outside a Hydra job
         return False
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig):
-    from .launch import run_job_in_child, should_isolate
-    if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/launch.py)
+    from .training.launch import run_job_in_child, should_isolate
+    if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/training/launch.py)
         return run_job_in_child(cfg)
-    from .models import SourceUnavailableError
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)
     message = None
     try:
@@ -528,6 +352,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    from randlora.launch import await_job
-    await_job()  # in a local multirun's fork server: returns in each forked job (randlora/launch.py)
+    from .training.launch import await_job
+    await_job()
     main()

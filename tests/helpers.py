@@ -44,3 +44,20 @@ def train_cli(args, cwd=ROOT, timeout=600, extra_env=None):
 
 def results(run_dir) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def sweep_params(overrides) -> dict:
+    """{key: [values]} of the sweep a composed config would run (its ``hydra.sweeper.params``, with
+    interpolations such as ``${paper_datasets.vision}`` resolved against the config)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import randlora.train  # noqa: F401  (registers the resolvers)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    out = {}
+    for k, v in (OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False) or {}).items():
+        v = str(v)
+        if v.startswith("${") and v.endswith("}"):
+            v = str(OmegaConf.select(cfg, v[2:-1]))
+        out[k] = v.split(",")
+    return out

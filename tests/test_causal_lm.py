@@ -22,6 +22,7 @@ from randlora.adapters import count_total, find_targets, get_method, match_budge
 from randlora.adapters.lora import LoRAUpdate  # noqa: E402
 from randlora.adapters.randlora import RandLoRAUpdate  # noqa: E402
 from randlora.data import commonsense as cs  # noqa: E402
+from randlora import instructions as ins  # noqa: E402
 from randlora.models import SourceUnavailableError  # noqa: E402
 from randlora.tasks.causal_lm import dedupe_rows, is_correct, summarise  # noqa: E402
 
@@ -57,32 +58,32 @@ def compose(overrides):
     ("ending5", "ending", None),
 ])
 def test_extract_answer_every_format(text, fmt, expected):
-    assert cs.extract_answer(text, fmt) == expected
+    assert ins.extract_answer(text, fmt) == expected
 
 
 def test_answer_format_candidates_and_gold():
-    assert [cs.answer_format(a) for a in ("true", "False", "solution2", "answer5", "option1", "ending4", "maybe")] \
+    assert [ins.answer_format(a) for a in ("true", "False", "solution2", "answer5", "option1", "ending4", "maybe")] \
         == ["truefalse", "truefalse", "solution", "answer", "option", "ending", None]
     rec = {"instruction": "Q?\n\nAnswer1: a\n\nAnswer2: b\n\nAnswer3: c\n\nAnswer format: answer1/answer2/answer3",
            "input": "", "output": "the correct answer is answer2"}
-    assert cs.candidates(rec, "answer") == ["answer1", "answer2", "answer3"]
-    assert cs.gold_answer(rec) == "answer2"                       # from output when there is no answer field
-    assert cs.candidates({"instruction": "no format line"}, "ending") == ["ending1", "ending2", "ending3", "ending4"]
+    assert ins.candidates(rec, "answer") == ["answer1", "answer2", "answer3"]
+    assert ins.gold_answer(rec) == "answer2"                       # from output when there is no answer field
+    assert ins.candidates({"instruction": "no format line"}, "ending") == ["ending1", "ending2", "ending3", "ending4"]
     assert is_correct("the correct answer is answer2 because", "answer2", "answer")
     assert not is_correct("the correct answer is answer3", "answer2", "answer")
     assert not is_correct("garbage", "true", "truefalse")
 
 
 def test_prompt_is_alpaca():
-    p = cs.prompt_text({"instruction": "Do X", "input": ""})
+    p = ins.prompt_text({"instruction": "Do X", "input": ""})
     assert p.startswith("Below is an instruction that describes a task.") and p.endswith("### Response:\n")
-    q = cs.prompt_text({"instruction": "Do X", "input": "ctx"})
+    q = ins.prompt_text({"instruction": "Do X", "input": "ctx"})
     assert "### Input:\nctx\n\n### Response:\n" in q
 
 
 # ----------------------------------------------------------------------------------- bundled data
 def test_bundled_set_every_task_and_format():
-    files = list(cs.BUNDLED_DIR.rglob("*.json"))
+    files = list(ins.BUNDLED_DIR.rglob("*.json"))
     assert sum(f.stat().st_size for f in files) < 300 * 1024
     dm = cs.InstructionDataModule(**_tiny_data_cfg())
     dm.setup("fit")
@@ -90,16 +91,16 @@ def test_bundled_set_every_task_and_format():
     by_task = {}
     for r in dm.test_records:
         by_task.setdefault(r["task"], []).append(r)
-    assert sorted(by_task) == sorted(cs.TASK_DIRS) and all(len(v) == 20 for v in by_task.values())
+    assert sorted(by_task) == sorted(ins.TASK_DIRS) and all(len(v) == 20 for v in by_task.values())
     for task, recs in by_task.items():
-        fmts = {cs.answer_format(r["answer"]) for r in recs}
-        assert fmts == {cs.TASK_FORMATS[task]}, task
+        fmts = {ins.answer_format(r["answer"]) for r in recs}
+        assert fmts == {ins.TASK_FORMATS[task]}, task
         for r in recs:
-            assert r["answer"] in cs.candidates(r, cs.TASK_FORMATS[task])
+            assert r["answer"] in ins.candidates(r, ins.TASK_FORMATS[task])
     train_prompts = {r["instruction"] for r in dm.train_records + dm.val_records}
     assert not train_prompts & {r["instruction"] for r in dm.test_records}
-    corpus = list(cs.bundled_corpus())
-    assert len(corpus) == 560 and corpus == list(cs.bundled_corpus())
+    corpus = list(ins.bundled_corpus())
+    assert len(corpus) == 560 and corpus == list(ins.bundled_corpus())
 
 
 def _tiny_data_cfg(**kw):
@@ -119,12 +120,12 @@ def test_tokenisation_cutoff_eos_and_response_only_loss():
     ids2, labels2 = cs.training_example(tok, rec, cutoff_len=256, train_on_inputs=False)
     assert ids2 == ids
     # LLM-Adapters masks as many tokens as its prompt alone encodes to
-    n_prompt = len(cs.encode(tok, cs.train_prompt(rec)))
+    n_prompt = len(cs.encode(tok, ins.train_prompt(rec)))
     assert all(x == -100 for x in labels2[:n_prompt]) and labels2[n_prompt:] == ids[n_prompt:]
     assert tok.decode(ids[n_prompt:], skip_special_tokens=True).strip().endswith("answer is true")
     # the tidy template masks the tokens shared with the prompt's own encoding
     ids3, labels3 = cs.training_example(tok, rec, cutoff_len=256, train_on_inputs=False, template="alpaca")
-    n3 = len(cs.encode(tok, cs.prompt_text(rec)))
+    n3 = len(cs.encode(tok, ins.prompt_text(rec)))
     assert all(x == -100 for x in labels3[:n3]) and labels3[n3:] == ids3[n3:]
     assert tok.decode(ids3[n3:], skip_special_tokens=True).strip() == "the correct answer is true"
     short, _ = cs.training_example(tok, rec, cutoff_len=10, train_on_inputs=True)
@@ -132,12 +133,12 @@ def test_tokenisation_cutoff_eos_and_response_only_loss():
 
 
 def test_local_folder_layout_and_missing_file(tmp_path):
-    recs = json.loads((cs.BUNDLED_DIR / "train.json").read_text())
+    recs = json.loads((ins.BUNDLED_DIR / "train.json").read_text())
     (tmp_path / "ft-training_set").mkdir()
     (tmp_path / "ft-training_set" / "commonsense_15k.json").write_text(json.dumps(recs[:30]))
     for d in ("boolq", "piqa"):
         (tmp_path / "dataset" / d).mkdir(parents=True)
-        src = cs.BUNDLED_DIR / "dataset" / d / "test.json"
+        src = ins.BUNDLED_DIR / "dataset" / d / "test.json"
         (tmp_path / "dataset" / d / "test.json").write_text(src.read_text())
     cfg = _tiny_data_cfg(path=str(tmp_path), train_file="commonsense_15k.json", tasks=["boolq", "piqa"], val_size=5)
     dm = cs.InstructionDataModule(**cfg)
@@ -184,11 +185,10 @@ def tiny_task():
     from omegaconf import OmegaConf
 
     from randlora.models import build_model
-    from randlora.tasks.causal_lm import CausalLMTask
-    cfg = compose(["model=tiny_llama", "data=commonsense_tiny", "adapter=randlora"])
-    bundle = build_model(cfg.model)
-    task = CausalLMTask(bundle, cfg.adapter, {"lr": 1e-3, "weight_decay": 0.0},
-                        OmegaConf.merge(cfg.task, {"evaluator": "both", "max_new_tokens": 6}))
+    from randlora.training.build import build_task
+    cfg = compose(["model=tiny_llama", "data=commonsense_tiny", "adapter=randlora", "task.evaluator=both",
+                   "task.max_new_tokens=6", "optim.lr=1e-3", "optim.weight_decay=0.0"])
+    task = build_task(cfg, build_model(cfg.model), None)
     with torch.no_grad():  # move the adapter away from its zero init so the update matters
         for _, p in task.net.named_parameters():
             if p.requires_grad:
@@ -252,12 +252,12 @@ def test_evaluation_prompts_and_decoding_are_the_upstream_texts(tiny_task):
     tok = dm.tokenizer
     for i, r in enumerate(recs):
         keep = batch["prompt_mask"][i].bool()
-        assert tok.decode(batch["prompt_ids"][i][keep], skip_special_tokens=True) == cs.eval_prompt(r)
+        assert tok.decode(batch["prompt_ids"][i][keep], skip_special_tokens=True) == ins.eval_prompt(r)
     cont = task.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2])
     full = task.generate_texts(batch["prompt_ids"][:2], batch["prompt_mask"][:2], with_prompt=True)
     for r, c, f in zip(recs, cont, full):
-        assert f.startswith(cs.eval_prompt(r)) and cs.response_text(f, "paper") == c.strip()
-    assert batch["formats"][:2] == [cs.TASK_FORMATS[r["task"]] for r in recs]
+        assert f.startswith(ins.eval_prompt(r)) and ins.response_text(f, "paper") == c.strip()
+    assert batch["formats"][:2] == [ins.TASK_FORMATS[r["task"]] for r in recs]
 
 
 def test_batched_left_padded_generation_matches_single(tiny_task):
@@ -402,7 +402,7 @@ def test_tiny_llama_trains_and_evaluates_through_the_framework(tmp_path, method,
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02, losses
     m = res["metrics"]
     for prefix in ("test/acc", "test/ll_acc"):
-        per_task = {t: m[f"{prefix}_{t}"] for t in cs.TASK_DIRS}
+        per_task = {t: m[f"{prefix}_{t}"] for t in ins.TASK_DIRS}
         assert all(0.0 <= v <= 1.0 for v in per_task.values())
         assert m[prefix] == pytest.approx(sum(per_task.values()) / len(per_task))
     assert 0.0 <= m["val/acc"] <= 1.0 and 0.0 <= m["val/ll_acc"] <= 1.0 and math.isfinite(m["val/loss"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from randlora.data import commonsense as cs
+
+from randlora import instructions as ins
 from randlora.tasks.causal_lm import is_correct
 from tests.helpers import compose_cfg
 
@@ -22,12 +24,12 @@ UPSTREAM_TASK = {"boolq": "boolq", "piqa": "piqa", "social_i_qa": "siqa", "hella
 def test_templates_are_byte_identical():
     assert FIXTURE["source"]["commit"] == "816657208af4db747803f87ba40a4c71383fed7a"
     assert FIXTURE["paper_code"]["commit"] == "4ac565ecd611b47d3d4ea0ec3a49b5c1acad2a0c"
-    assert {e["task"] for e in FIXTURE["records"]} == set(cs.TASK_DIRS) - {"hellaswag"}
+    assert {e["task"] for e in FIXTURE["records"]} == set(ins.TASK_DIRS) - {"hellaswag"}
     t = FIXTURE["templates"]
-    assert cs.LLM_ADAPTERS_TRAIN_WITH_INPUT + "{output}" == t["train_with_input"]
-    assert cs.LLM_ADAPTERS_TRAIN_NO_INPUT + "{output}" == t["train_no_input"]
-    assert cs.LLM_ADAPTERS_EVAL_WITH_INPUT == t["eval_with_input"]
-    assert cs.LLM_ADAPTERS_EVAL_NO_INPUT == t["eval_no_input"]
+    assert ins.LLM_ADAPTERS_TRAIN_WITH_INPUT + "{output}" == t["train_with_input"]
+    assert ins.LLM_ADAPTERS_TRAIN_NO_INPUT + "{output}" == t["train_no_input"]
+    assert ins.LLM_ADAPTERS_EVAL_WITH_INPUT == t["eval_with_input"]
+    assert ins.LLM_ADAPTERS_EVAL_NO_INPUT == t["eval_no_input"]
     # the two upstream files differ in whitespace: training's first line ends in two spaces (one with an
     # input), its blank lines carry the 16-space indentation; evaluation's do not
     assert "request.  \n\n" in t["train_no_input"] and "request. \n\n" in t["eval_no_input"]
@@ -39,13 +41,13 @@ def test_rendered_prompts_of_real_records_equal_upstream(i):
     e = FIXTURE["records"][i]
     rec = cs._clean(e["record"], "fixture record")  # as the datamodule stores it
     assert rec["answer"] == e["record"]["answer"]   # the gold answer is compared as given upstream
-    assert cs.train_prompt(rec) + rec["output"] == e["upstream_train_prompt"]
-    assert cs.train_prompt(rec) == e["upstream_train_user_prompt"]
-    assert cs.eval_prompt(rec) == e["upstream_eval_prompt_with_input"]
+    assert ins.train_prompt(rec) + rec["output"] == e["upstream_train_prompt"]
+    assert ins.train_prompt(rec) == e["upstream_train_user_prompt"]
+    assert ins.eval_prompt(rec) == e["upstream_eval_prompt_with_input"]
     if not rec["input"]:  # every record of the 8 test sets: what commonsense_evaluate.py passes
-        assert cs.eval_prompt(rec) == e["upstream_eval_prompt_instruction_only"]
+        assert ins.eval_prompt(rec) == e["upstream_eval_prompt_instruction_only"]
     # the tidy template is a different text (numbers with it are not comparable with the paper's)
-    assert cs.eval_prompt(rec, "alpaca") != cs.eval_prompt(rec)
+    assert ins.eval_prompt(rec, "alpaca") != ins.eval_prompt(rec)
 
 
 def _bos_tokenizer():
@@ -88,16 +90,16 @@ def test_answer_extraction_equals_upstream(mode):
     cases = FIXTURE["extraction_cases"]
     assert any(c["paper"] != c["llm_adapters"] for c in cases)  # the two scripts' cut differs somewhere
     for c in cases:
-        fmt = cs.TASK_FORMATS[UPSTREAM_TASK[c["upstream_dataset"]]]
-        got = cs.extract_answer_upstream(cs.response_text(c["decoded"], mode), fmt)
+        fmt = ins.TASK_FORMATS[UPSTREAM_TASK[c["upstream_dataset"]]]
+        got = ins.extract_answer_upstream(ins.response_text(c["decoded"], mode), fmt)
         assert got == c[mode], c
         # is_correct scores exactly the upstream "label == predict"
-        for gold in cs.FORMATS[fmt][1]:
+        for gold in ins.FORMATS[fmt][1]:
             assert is_correct(c["decoded"], gold, fmt, mode) == (gold == c[mode])
 
 
 def test_lenient_extraction_stays_a_named_option():
-    decoded = cs.eval_prompt({"instruction": "Q?", "input": ""}) + "The correct answer is True"
+    decoded = ins.eval_prompt({"instruction": "Q?", "input": ""}) + "The correct answer is True"
     assert not is_correct(decoded, "true", "truefalse", "paper")          # upstream: case-sensitive
     assert is_correct("The correct answer is True", "true", "truefalse", "lenient")
     assert is_correct("it is untrue", "true", "truefalse", "paper")        # upstream: no word boundaries
@@ -105,12 +107,12 @@ def test_lenient_extraction_stays_a_named_option():
 
 
 def test_the_paper_protocol_is_the_default():
-    from randlora.tasks.causal_lm import _options
+    from randlora.tasks.causal_lm import options
     cfg = compose_cfg(["model=tiny_llama", "data=commonsense_tiny"])
     assert cfg.task.prompt_template == "llm_adapters" and cfg.task.answer_extraction == "paper"
-    assert _options({})["prompt_template"] == "llm_adapters" and _options({})["answer_extraction"] == "paper"
+    assert options({})["prompt_template"] == "llm_adapters" and options({})["answer_extraction"] == "paper"
     # every paper experiment states them (tests/test_causal_lm.py::test_paper_experiment_configs_compose)
     with pytest.raises(ValueError, match="answer_extraction"):
-        _options({"answer_extraction": "strict"})
+        options({"answer_extraction": "strict"})
     with pytest.raises(ValueError, match="prompt_template"):
-        _options({"prompt_template": "chat"})
+        options({"prompt_template": "chat"})

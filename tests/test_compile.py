@@ -102,7 +102,7 @@ def test_framework_compile_record_reset_and_static_image_shapes(monkeypatch, tmp
     """Each job starts from an empty dynamo cache (a sweep's earlier jobs would fill the recompile
     limit); image tasks compile with static shapes, language models with automatic ones."""
     from randlora.models import build_model
-    from randlora.train import _compile, build_datamodule, build_task
+    from randlora.training.build import build_datamodule, build_task, compile_task as _compile
     from tests.helpers import compose_cfg
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
@@ -287,10 +287,12 @@ def test_ddp_two_processes_compiled_equals_eager(tmp_path):
 
 
 def test_cuda_graph_modes_open_a_new_graph_generation_every_step(monkeypatch, tmp_path):
-    """With compile.mode=reduce-overhead the task marks each train / val / test step for CUDA-graph
-    trees; without it, it never does."""
-    from randlora.train import build_datamodule, build_task, _compile
+    """With compile.mode=reduce-overhead each train / val / test step is marked for CUDA-graph trees
+    (the CudaGraphSteps callback); without it, none is."""
     from randlora.models import build_model
+    from randlora.train import _trainer
+    from randlora.training.build import build_datamodule, build_task, compile_task as _compile
+    from randlora.training.callbacks import CudaGraphSteps
     from tests.helpers import compose_cfg
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
@@ -300,7 +302,12 @@ def test_cuda_graph_modes_open_a_new_graph_generation_every_step(monkeypatch, tm
         dm.setup("fit")
         task = build_task(cfg, build_model(cfg.model), dm)
         info = _compile(cfg, task, verbose=False)
-        assert info["modules"] >= 2 and task.cudagraphs is expect
+        assert info["modules"] >= 2 and info["cudagraphs"] is expect
+        trainer, _ = _trainer(cfg, task, tmp_path, [], {}, info)
+        marks = [cb for cb in trainer.callbacks if isinstance(cb, CudaGraphSteps)]
+        assert len(marks) == (1 if expect else 0)
         calls.clear()
-        task.on_train_batch_start(None, 0), task.on_validation_batch_start(None, 0), task.on_test_batch_start(None, 0)
+        for cb in marks:
+            cb.on_train_batch_start(trainer, task, None, 0), cb.on_validation_batch_start(trainer, task, None, 0)
+            cb.on_test_batch_start(trainer, task, None, 0)
         assert len(calls) == (3 if expect else 0)

@@ -187,7 +187,7 @@ def test_train_py_fsdp_on_one_gpu(tmp_path):
 def test_non_finite_guard_defers_on_cuda(tmp_path):
     from types import SimpleNamespace
 
-    from randlora.callbacks import NonFiniteGuard
+    from randlora.training.callbacks import NonFiniteGuard
     guard = NonFiniteGuard(str(tmp_path), check_every=1000)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, log_every_n_steps=1000)
     for step, v in enumerate([1.0, float("nan"), 2.0]):

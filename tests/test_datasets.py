@@ -15,7 +15,8 @@ from PIL import Image
 from randlora.data import classnames as cn
 from randlora.data.images import DataConfigError, ImageDataModule, source_problems
 from randlora.models import SourceUnavailableError
-from randlora.train import build_datamodule, run
+from randlora.train import run
+from randlora.training.build import build_datamodule
 from tests.helpers import FAST, compose_cfg
 
 RNG = np.random.default_rng(0)
@@ -41,14 +42,10 @@ def _dm(overrides, kind="clip"):
 
 def _clip_head(dm, head="auto", text_tower="train"):
     """The CLIP task built on the data module's names (tiny random CLIP): its prompts and class head."""
-    from omegaconf import OmegaConf
-
     from randlora.models import build_model
-    from randlora.tasks.clip import ClipTask
-    cfg = compose_cfg(["model=tiny_clip", "adapter=lora"])
-    bundle = build_model(cfg.model)
-    task = ClipTask(bundle, dm.class_names, cfg.adapter, OmegaConf.to_container(cfg.optim), prompt=cfg.task.prompt,
-                    templates=dm.templates, head=head, text_tower=text_tower)
+    from randlora.training.build import build_task
+    cfg = compose_cfg(["model=tiny_clip", "adapter=lora", f"task.head={head}", f"task.text_tower={text_tower}"])
+    task = build_task(cfg, build_model(cfg.model), dm)
     with torch.no_grad():
         return task, task.class_head()
 

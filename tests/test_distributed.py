@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from randlora.adapters import inject, shared_bases
-from randlora.distributed import check_static_buffers, static_buffer_names, static_buffers_digest
+from randlora.buffers import check_static_buffers, static_buffer_names, static_buffers_digest
 from randlora.models import build_model
 from randlora.tasks.classification import ClassificationTask
-from randlora.train import build_datamodule, build_task
+from randlora.training.build import build_datamodule, build_task
 from tests.helpers import FAST, compose_cfg
 
 

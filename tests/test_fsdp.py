@@ -13,10 +13,11 @@ from torch import nn
 
 from randlora.adapters import inject, load_adapter, save_adapter
 from randlora.adapters import adapter_state_dict, clean_name
-from randlora.distributed import fsdp_strategy, replicated_parameters
+from randlora.training.distributed import fsdp_strategy, replicated_parameters
 from randlora.models import build_model
-from randlora.train import build_datamodule, build_task
-from randlora.validate import validate_config
+from randlora.training.build import build_datamodule, build_task
+from randlora.training.checkpoints import TrainedTensors, check_checkpoint
+from randlora.training.config import validate_config
 from tests.helpers import compose_cfg, results, train_cli
 
 
@@ -95,7 +96,7 @@ def test_files_from_a_wrapped_model_carry_plain_names(tmp_path):
         assert set(adapter_state_dict(task.net)) == plain_keys
         # Lightning's full state dict under FSDP has plain names; the trained ones (the head too) are kept
         ck = {"state_dict": {clean_name(n): p.detach() for n, p in task.named_parameters()}}
-        task.on_save_checkpoint(ck)
+        TrainedTensors().on_save_checkpoint(None, task, ck)
         assert set(ck["state_dict"]) == plain_trained
         assert {"net.head.weight", "net.backbone.blocks.0.norm1.weight"} <= plain_trained
         save_adapter(task.net, tmp_path / "a.safetensors")
@@ -235,7 +236,7 @@ def test_fsdp_kill_9_then_resume_matches_uninterrupted_and_loads_unsharded(tmp_p
     # the sharded run's Lightning checkpoint holds whole tensors under plain names
     ck = torch.load(ref / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     task = _task("model=tiny_vit", "adapter=randlora", "seed=3")
-    task.check_checkpoint(ck)
+    check_checkpoint(task.net, ck)
     trained = {n: p for n, p in task.named_parameters() if p.requires_grad}
     assert set(ck["state_dict"]) == set(trained)
     load_adapter(task.net, ref / "checkpoints" / "adapter.safetensors")  # the same tensors as the adapter file

@@ -212,7 +212,7 @@ def test_clip_tag_and_file_routes_build_quickgelu_and_match_the_reference(quickg
     import open_clip
 
     from randlora.models.clip import activations
-    from randlora.sources import hub_status
+    from randlora.hub import hub_status
     cfg, ref, file = quickgelu_tag
     from randlora.models import source_problems
     assert source_problems(cfg, hub_status()) == []  # in the fake cache: available offline
@@ -231,7 +231,7 @@ def test_clip_tag_and_file_routes_build_quickgelu_and_match_the_reference(quickg
 
 def test_clip_tag_whose_activation_contradicts_the_config_is_refused(quickgelu_tag):
     from randlora.models import source_problems
-    from randlora.sources import hub_status
+    from randlora.hub import hub_status
     cfg, _, _ = quickgelu_tag
     bad = {**cfg, "quick_gelu": False}
     with pytest.raises(ValueError, match=r"trained with QuickGELU but model.quick_gelu=false; set model.quick_gelu=tr"):
@@ -354,7 +354,7 @@ def test_a_causal_lm_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
     write_hub_repo(tmp_path / "hub", "meta-llama/Meta-Llama-3-8B", files)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     from randlora.models import source_problems
-    from randlora.sources import hub_status
+    from randlora.hub import hub_status
     cfg = compose_cfg(["model=llama3_8b", "model.gradient_checkpointing=false"]).model
     assert source_problems(_plain(cfg), hub_status()) == []
     bundle = build_model(cfg)

@@ -1,4 +1,4 @@
-"""Local multiruns (randlora/launch.py): each job in its own process, so a job killed with SIGKILL
+"""Local multiruns (randlora/training/launch.py): each job in its own process, so a job killed with SIGKILL
 (what the out-of-memory killer sends; injected with callbacks.kill_at_step) leaves the others running
 and is recorded as failed with its cause; the sweep's exit status and closing summary; DDP jobs."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _sweep(log_dir):
 
 
 def test_describe_exit():
-    from randlora.launch import describe_exit
+    from randlora.training.launch import describe_exit
     assert describe_exit(-9).startswith("killed by signal 9 (SIGKILL)")
     assert "out-of-memory killer" in describe_exit(-9)
     assert describe_exit(-11) == "killed by signal 11 (SIGSEGV)"
@@ -39,7 +39,7 @@ def test_job_command_is_the_single_run_of_that_job():
     from hydra import compose, initialize_config_dir
     from hydra.core.utils import setup_globals
 
-    from randlora.launch import job_command
+    from randlora.training.launch import job_command
     hc = OmegaConf.create({
         "overrides": {"task": ["adapter=lora", "seed=3", "tags=[a,b]"],
                       "hydra": ["hydra.sweeper.n_trials=2", "hydra/launcher=basic", "hydra.mode=MULTIRUN",
@@ -65,7 +65,7 @@ def test_fork_refused_while_other_threads_run():
     stay locked in the child forever)."""
     import threading
 
-    from randlora.launch import _fork_unsafe
+    from randlora.training.launch import _fork_unsafe
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
     t.start()
@@ -77,7 +77,7 @@ def test_fork_refused_while_other_threads_run():
 
 
 def test_not_isolated_outside_a_hydra_multirun(monkeypatch):
-    from randlora.launch import should_isolate
+    from randlora.training.launch import should_isolate
     assert should_isolate() is False  # no Hydra context (main(cfg) called directly, tests)
 
 

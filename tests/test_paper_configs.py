@@ -8,15 +8,15 @@ from omegaconf import OmegaConf
 
 from randlora.adapters import count_trainable, inject
 from randlora.models import meta_backbone
-from randlora.tasks.base import adapter_kwargs
-from tests.helpers import ROOT, compose_cfg
+from randlora.training.build import adapter_kwargs
+from tests import helpers
+from tests.helpers import compose_cfg
 
 VISION = ["clip_b32_vl", "clip_l14_vl", "clip_h14_vl", "dinov2_vision", "clip_b32_vision", "sparse_bases_ablation"]
 
 
 def sweep_params(name):
-    raw = OmegaConf.load(ROOT / "configs" / "experiment" / "paper" / f"{name}.yaml")
-    return {k: str(v).split(",") for k, v in raw.hydra.sweeper.params.items()}
+    return helpers.sweep_params([f"experiment=paper/{name}"])
 
 
 def adapter_count(cfg) -> int:

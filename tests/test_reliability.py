@@ -8,7 +8,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from randlora.train import run
-from randlora.validate import validate_config
+from randlora.training.config import validate_config
 from tests.helpers import FAST, compose_cfg, results, train_cli
 
 BASE = ["model=tiny_vit", "adapter=randlora", "trainer=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
@@ -45,7 +45,7 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from randlora import checkpoint_io
+    from randlora.training import checkpoints as checkpoint_io
     io = checkpoint_io.AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
@@ -165,10 +165,10 @@ def test_unknown_group_or_key_rejected_at_composition(overrides, msg):
 
 def test_bad_config_fails_before_model_or_data(tmp_path, monkeypatch):
     import randlora.models as models
-    import randlora.train as train_mod
+    import randlora.training.build as build
     built = []
     monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append("model"))
-    monkeypatch.setattr(train_mod, "build_datamodule", lambda *a, **k: built.append("data"))
+    monkeypatch.setattr(build, "build_datamodule", lambda *a, **k: built.append("data"))
     with pytest.raises(ValueError):
         run(compose_cfg(["adapter.r=1000"], tmp_path))
     assert built == []
@@ -183,7 +183,7 @@ def test_deferred_non_finite_check_names_the_first_bad_step(tmp_path):
 
     import torch
 
-    from randlora.callbacks import NonFiniteGuard
+    from randlora.training.callbacks import NonFiniteGuard
 
     guard = NonFiniteGuard(str(tmp_path), check_every=100, defer=True)
     trainer = SimpleNamespace(global_step=0, current_epoch=1, log_every_n_steps=100)
@@ -208,7 +208,7 @@ def test_cpu_peak_memory_resets_between_jobs():
     """Each job of a multirun reports its own peak: the CPU high-water mark is reset at train start."""
     import os
 
-    from randlora.callbacks import peak_memory_mb, reset_peak_memory
+    from randlora.training.callbacks import peak_memory_mb, reset_peak_memory
 
     blob = torch.ones(400 * 2**20 // 4)  # 400 MB resident
     blob.add_(1)
@@ -227,17 +227,18 @@ def test_job_memory_is_released_when_the_job_returns(tmp_path, monkeypatch):
     import weakref
 
     import randlora.train as train_mod
+    import randlora.training.build as build_mod
     from tests.helpers import FAST
 
     refs = []
-    build = train_mod.build_task
+    build = build_mod.build_task
 
     def spy(*a, **k):
         task = build(*a, **k)
         refs.append(weakref.ref(task))
         return task
 
-    monkeypatch.setattr(train_mod, "build_task", spy)
+    monkeypatch.setattr(build_mod, "build_task", spy)
     cfg = compose_cfg(["model=tiny_vit", "adapter=lora", *FAST], out_dir=tmp_path / "a")
     gc.collect()
     gc.disable()
@@ -260,7 +261,7 @@ def test_deferred_guard_stops_before_any_checkpoint_of_bad_weights(tmp_path, wei
     import lightning as L
     from torch import nn
 
-    from randlora.callbacks import NonFiniteGuard
+    from randlora.training.callbacks import NonFiniteGuard
 
     class M(L.LightningModule):
         def __init__(self):

@@ -12,7 +12,7 @@ import csv
 import pytest
 import torch
 
-import randlora.callbacks as callbacks
+import randlora.training.callbacks as callbacks
 from randlora.train import run
 from tests.helpers import compose_cfg, results
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import randlora.callbacks as callbacks
+import randlora.training.callbacks as callbacks
 from randlora.train import run
 from tests.helpers import ROOT, compose_cfg, env, results, train_cli
 
@@ -130,9 +130,9 @@ def test_payload_refused_by_lightnings_own_loads(halfway, tmp_path):
     """trainer.fit / trainer.test(ckpt_path=...) read through AtomicCheckpointIO: weights-only too."""
     import lightning as L
 
-    from randlora.checkpoint_io import AtomicCheckpointIO, CheckpointError
+    from randlora.training.checkpoints import AtomicCheckpointIO, CheckpointError
     from randlora.models import build_model
-    from randlora.train import build_datamodule, build_task
+    from randlora.training.build import build_datamodule, build_task
     ck = tmp_path / "last.ckpt"
     shutil.copy(halfway / "checkpoints" / "last.ckpt", ck)
     marker = tmp_path / "PWNED"
@@ -152,10 +152,10 @@ def test_payload_refused_by_lightnings_own_loads(halfway, tmp_path):
 
 def test_payload_refused_by_the_fsdp_strategy_load(halfway, tmp_path):
     """Lightning's FSDP strategy reads a full checkpoint with a full unpickler; ours reads it weights-only."""
-    from randlora.checkpoint_io import CheckpointError
-    from randlora.distributed import AdapterFSDPStrategy
+    from randlora.training.checkpoints import CheckpointError
+    from randlora.training.distributed import AdapterFSDPStrategy
     from randlora.models import build_model
-    from randlora.train import build_datamodule, build_task
+    from randlora.training.build import build_datamodule, build_task
     cfg = compose_cfg(BASE)
     dm = build_datamodule(cfg)
     dm.setup("fit")
@@ -340,7 +340,7 @@ def test_an_infrastructure_group_that_changes_the_computation_is_refused(hydra_j
     """trainer=gpu selects where the run goes, and also bf16 precision: the precision change is named."""
     from omegaconf import OmegaConf
 
-    from randlora.runfolder import hydra_compose, resume_config
+    from randlora.training.folder import hydra_compose, resume_config
     cfg = hydra_job([*BASE, "resume=x"], tmp_path)
     recorded = OmegaConf.to_container(cfg, resolve=True)
     with pytest.raises(ValueError) as e:
@@ -433,7 +433,7 @@ def _hold_lock(folder):
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from randlora import runfolder
+        from randlora.training import folder as runfolder
         runfolder.acquire({str(folder)!r})
         print("locked", flush=True)
         time.sleep(600)
@@ -506,7 +506,7 @@ def test_kill_during_the_first_save_resumes_from_the_complete_checkpoint(halfway
 def _disk_full_after(monkeypatch, saves_ok: int, results_too: bool = False):
     """torch.save in checkpoint writes fails with ENOSPC after ``saves_ok`` saves (having written part
     of the file); with ``results_too`` results.json writes fail from then on too."""
-    from randlora import checkpoint_io
+    from randlora.training import checkpoints as checkpoint_io
     real_save, calls = torch.save, {"n": 0}
 
     def save(obj, f, *a, **k):
@@ -570,7 +570,7 @@ def test_full_disk_that_also_stops_results_json_says_so(monkeypatch, tmp_path, c
 def test_non_finite_loss_advice_is_a_new_run_not_a_resume(tmp_path):
     from types import SimpleNamespace
 
-    from randlora.callbacks import NonFiniteGuard
+    from randlora.training.callbacks import NonFiniteGuard
     (tmp_path / "last.ckpt").write_bytes(b"x")
     guard = NonFiniteGuard(str(tmp_path))
     t = SimpleNamespace(global_step=7, current_epoch=1)

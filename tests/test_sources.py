@@ -1,4 +1,4 @@
-"""Offline fails fast and completely (randlora/sources.py): with the hub unreachable (an offline flag, or
+"""Offline fails fast and completely (randlora/training/preflight.py): with the hub unreachable (an offline flag, or
 an endpoint that refuses or never answers) a job reports every missing source (weights, tokenizer,
 training set, each test set) in one message within seconds, before anything is downloaded or built;
 sources in a local cache written in the libraries' exact layout count as available and load offline."""
@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from randlora.models import SourceUnavailableError
-from randlora.sources import OFFLINE_FLAGS, check_sources, hub_status, probe
+from randlora.hub import OFFLINE_FLAGS, hub_status, probe
+from randlora.training.preflight import check_sources
 from tests.helpers import compose_cfg
 from tests.hf_cache import write_hub_dataset, write_hub_repo
 
@@ -170,6 +171,8 @@ def test_sources_in_local_caches_count_as_available_and_load_offline(tmp_path, h
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from randlora.data import commonsense as cs
+
+    from randlora import instructions as ins
     from randlora.models import build_model
     from randlora.models.tiny_tokenizer import tiny_tokenizer
     hub.offline_flag()
@@ -183,10 +186,10 @@ def test_sources_in_local_caches_count_as_available_and_load_offline(tmp_path, h
     files["model.safetensors"] = save({k: v.contiguous() for k, v in state.items()})
     write_hub_repo(tmp_path / "hub", "meta-llama/Meta-Llama-3-8B", files)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    train = json.loads((cs.BUNDLED_DIR / "train.json").read_text())
+    train = json.loads((ins.BUNDLED_DIR / "train.json").read_text())
     write_hub_dataset(tmp_path / "datasets", "zwhe99/commonsense_170k", {"train": train})
     monkeypatch.setattr(dc, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    tests = [f"data.test_sources.{t}={cs.BUNDLED_DIR / 'dataset' / cs.TASK_DIRS[t] / 'test.json'}"
+    tests = [f"data.test_sources.{t}={ins.BUNDLED_DIR / 'dataset' / ins.TASK_DIRS[t] / 'test.json'}"
              for t in ("boolq", "piqa")]
     cfg = _lm_job(tmp_path, "data.tasks=[boolq,piqa]", "model.gradient_checkpointing=false", *tests)
     check_sources(cfg)  # nothing missing

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from randlora.models import build_model
-from randlora.train import build_datamodule, build_task, run
+from randlora.train import run
+from randlora.training.build import build_datamodule, build_task
 from tests.helpers import FAST, ROOT, compose_cfg, results, train_cli
 
 METHODS = ["full", "lora", "vera", "randlora", "randlora_sparse", "dora", "nola"]
@@ -130,7 +131,7 @@ def test_randlora_bases_storage_follows_training_precision(tmp_path):
     from randlora.adapters import load_adapter, shared_bases
     from randlora.adapters import adapted_layers
     from randlora.adapters.randlora import make_randlora_bases
-    from randlora.tasks.base import bases_checksum
+    from randlora.adapters import bases_checksum
     from randlora.tasks.classification import Classifier
     bundle = build_model(cfg.model)
     net = load_adapter(Classifier(bundle.backbone, bundle.feature_dim, 10),
@@ -209,7 +210,7 @@ def test_another_adapter_is_refused_and_keeps_the_run(change, msg, setting, tmp_
 
 
 def test_resume_from_run_folder_continues(tmp_path, monkeypatch):
-    from randlora.callbacks import KillAtStep
+    from randlora.training.callbacks import KillAtStep
 
     def stop(self, trainer, *_):
         if trainer.global_step >= self.step:
@@ -397,7 +398,8 @@ def test_clip_vision_only_variant_trains_image_tower_only(tmp_path):
     task = build_task(cfg, build_model(cfg.model), dm)
     trained = {n for n, p in task.net.named_parameters() if p.requires_grad}
     assert trained == {n for n, _ in task.net.named_parameters() if n.startswith("visual.")} | {"logit_scale"}
-    assert task.parameter_summary()["trainable"] == sum(p.numel() for p in task.net.parameters() if p.requires_grad)
+    from randlora.training.build import ParameterCounts
+    assert ParameterCounts(task).summary()["trainable"] == sum(p.numel() for p in task.net.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("loss,scale", [("in_batch_official", "raw"), ("all_classes", "exp")])

@@ -15,7 +15,7 @@ truncated SVD, with the error per layer).
 """
 from .counting import (BudgetMatch, BudgetWarning, count_total, count_trainable, format_parameter_table,
                        lora_equivalent_rank, match_budget, parameter_table)
-from .inject import (adapted_layers, adapter_meta, check_rank, compute_paths, format_paths, inject, is_adapted,
+from .inject import (adapted_layers, adapter_meta, bases_checksum, check_rank, compute_paths, format_paths, inject, is_adapted,
                      merge, shared_bases, unmerge)
 from .lowrank import (LayerTruncation, delta_spectra, format_truncation, overall_error, rank_for_energy, to_lora,
                       truncation)
@@ -26,7 +26,8 @@ from .state import adapter_state_dict, diff_meta, load_adapter, load_adapter_sta
 from .targets import adaptable_modules, clean_name, find_targets
 
 __all__ = ["BudgetMatch", "BudgetWarning", "DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "PEFT_VERSION", "REGISTRY",
-           "LayerTruncation", "adaptable_modules", "adapted_layers", "adapter_meta", "adapter_state_dict", "check_rank",
+           "LayerTruncation", "adaptable_modules", "adapted_layers", "adapter_meta", "adapter_state_dict", "bases_checksum",
+           "check_rank",
            "clean_name", "compute_paths", "count_total", "count_trainable", "delta_spectra", "diff_meta", "export_peft",
            "find_targets", "format_parameter_table", "format_paths", "format_truncation", "get_method", "import_peft",
            "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",

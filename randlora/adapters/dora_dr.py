@@ -130,7 +130,17 @@ class DoRADRUpdate(Update):
 
 class DynamicRankScheduler:
     """The global pruning schedule, driven only by the optimizer step count (resume-safe: the rest
-    of its state is the EMA scores and final masks stored in each layer's buffers)."""
+    of its state is the EMA scores and final masks stored in each layer's buffers).
+
+    It is DoRA-DR's ``Method.schedule``; the training framework drives any method schedule through
+    ``for_model``, ``regularizer`` (added to the loss, logged as ``regularizer_name``), ``after_step``
+    (after each optimizer step; ``log_values`` of its result are logged), ``state_digest`` (what every
+    data-parallel rank must agree on after training) and, since it redistributes rank across layers,
+    ``rank_table`` (drawn as a heatmap at the end of training).
+    """
+
+    regularizer_name = "train/dem"
+    redistributes_rank = True
 
     def __init__(self, model: nn.Module, total_steps, r: int, r_start: int, prune_start_ratio: float = 0.15,
                  final_phase_ratio: float = 0.5, prune_interval: int = 100, ema_beta: float = 0.9,
@@ -210,6 +220,18 @@ class DynamicRankScheduler:
         lora_eq = stored / sum(u.out_features + u.in_features for _, u in self.layers)
         return {"training": training, "stored": stored, "lora_equivalent_rank": lora_eq,
                 "live_components": sum(k for _, k in kept)}
+
+    @staticmethod
+    def log_values(info: dict) -> dict:
+        """The metrics of one ``after_step`` result."""
+        out = {"dora/live_components": float(info["live"])}
+        if "threshold" in info:
+            out["dora/threshold"] = float(info["threshold"])
+        return out
+
+    def state_digest(self) -> torch.Tensor:
+        """The final masks of every layer as one tensor: identical on every data-parallel rank."""
+        return torch.cat([u.final_mask.flatten().float() for _, u in self.layers])
 
     def rank_table(self) -> list[tuple[str, int]]:
         return [(n, int((~u.final_mask).sum()) if u.final_mask.any() else u.live_components()) for n, u in self.layers]

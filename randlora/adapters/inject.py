@@ -51,6 +51,19 @@ def shared_bases(model: nn.Module) -> SharedBases | None:
     return None
 
 
+def bases_checksum(model: nn.Module) -> str | None:
+    """16 hex digits of SHA-256 over the shared random bases (None without bases): equal exactly when two
+    models hold the same bases (same seed, distribution, shapes and storage dtype)."""
+    import hashlib
+    b = shared_bases(model)
+    if b is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(b._buffers):
+        h.update(b._buffers[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def compute_paths(model: nn.Module) -> dict[str, int]:
     """How many adapted layers ran each compute path on their last call, for methods that choose one
     per call (RandLoRA: ``factorised`` / ``merged``; ``materialised`` is a fused-parameter call that

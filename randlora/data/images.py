@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..models import SourceUnavailableError, offline_message
+from ..errors import DataConfigError, SourceUnavailableError, offline_message
 from . import classnames as curated
 from . import vision_sources as vs
 from .samplers import EpochSeededSampler
@@ -43,10 +43,6 @@ from .samplers import EpochSeededSampler
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LOCAL_LAYOUTS = tuple(vs.LAYOUTS)
 SOURCES = ("digits", "synthetic", "hf", "imagefolder", "torchvision") + LOCAL_LAYOUTS
-
-
-class DataConfigError(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------------------------ datasets

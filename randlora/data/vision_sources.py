@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..models import SourceUnavailableError
+from ..errors import SourceUnavailableError
 
 # What torchvision's class reads under root=..., relative to it: checked before anything is loaded
 # (source_problems), so a missing or misplaced root is one line, not a RuntimeError from deep inside.

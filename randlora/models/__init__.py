@@ -8,7 +8,7 @@ checks each shipped config against the libraries' published metadata).
 
 ``source_problems(cfg, hub)`` lists, before anything is downloaded, the sources of a model config
 that cannot be read (a missing or unreadable local file, a hub source absent from the local cache
-while the hub is unreachable); ``randlora.sources.check_sources`` reports them together with the
+while the hub is unreachable); ``randlora.training.preflight.check_sources`` reports them together with the
 data's. A load that fails anyway raises :class:`SourceUnavailableError` naming what is really wrong
 (offline, not a weights file, weights of another architecture).
 """
@@ -20,16 +20,13 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import SourceUnavailableError, short_error  # noqa: F401  (re-exported: the loaders' error)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-class SourceUnavailableError(RuntimeError):
-    """Weights or data could not be read: offline, wrong id, missing file, not a weights file, or
-    weights of another architecture (the message says which)."""
 
 
 @dataclass
@@ -43,19 +40,6 @@ class ModelBundle:
     std: tuple = CLIP_STD
     tokenizer: Any = None             # clip: callable(list[str]) -> LongTensor; causal_lm: HF tokenizer
     extra: dict = field(default_factory=dict)
-
-
-def offline_message(what: str, source: str, how: str, err: Exception) -> str:
-    """A load error of a hub source (kept for the image datasets); the model loaders say precisely
-    what went wrong instead."""
-    short = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    return (f"could not load {what} from {source!r} ({type(err).__name__}: {short}). "
-            f"This machine may be offline or the id may be wrong. {how}")
-
-
-def short_error(err: Exception, limit: int = 300) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
 
 
 def is_local_path(source) -> bool:
@@ -139,7 +123,7 @@ def meta_backbone(cfg):
                     t = dict(cfg.tiny)
                     config = AutoConfig.for_model(t.pop("model_type", "llama"), **t)
                 else:
-                    from ..sources import hub_status
+                    from ..hub import hub_status
                     local = is_local_path(cfg.pretrained)
                     config = AutoConfig.from_pretrained(os.path.expanduser(str(cfg.pretrained)),
                                                         local_files_only=local or not hub_status().online)

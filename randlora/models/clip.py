@@ -55,7 +55,7 @@ def _url_cache_path(url: str) -> str:
 
 def cached_tag_file(arch: str, tag: str) -> str | None:
     """The local file of a tag's weights, if it is already cached (no network)."""
-    from ..sources import cached_hub_file
+    from ..hub import cached_hub_file
     for repo, filename in tag_files(arch, tag):
         path = cached_hub_file(repo, filename)
         if path:
@@ -67,7 +67,7 @@ def cached_tag_file(arch: str, tag: str) -> str | None:
 
 
 def _tag_fix(arch: str, tag: str) -> str:
-    from ..sources import download_hint
+    from ..hub import download_hint
     files = tag_files(arch, tag)
     if files:
         repo = files[0][0]
@@ -201,7 +201,7 @@ def load_weights(model, path: str, what: str, arch: str | None) -> None:
 def build_open_clip(cfg) -> ModelBundle:
     import open_clip
 
-    from ..sources import hub_status
+    from ..hub import hub_status
 
     pretrained, arch = cfg.get("pretrained"), cfg.get("arch")
     quick = bool(cfg.get("quick_gelu", False))

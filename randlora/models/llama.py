@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def _cached_weights(repo: str) -> bool:
     """Whether the weights of hub model ``repo`` are complete in the local cache (every shard of a
     sharded checkpoint)."""
-    from ..sources import cached_hub_file
+    from ..hub import cached_hub_file
     for name in WEIGHT_FILES:
         path = cached_hub_file(repo, name)
         if path is None:
@@ -39,7 +39,7 @@ def _cached_weights(repo: str) -> bool:
 
 
 def _cached_tokenizer(repo: str) -> bool:
-    from ..sources import cached_hub_file
+    from ..hub import cached_hub_file
     return bool(cached_hub_file(repo, "tokenizer_config.json")) and any(
         cached_hub_file(repo, f) for f in TOKENIZER_FILES)
 
@@ -79,7 +79,7 @@ def source_problems(cfg, hub) -> list[str]:
         return [f"the causal LM {name}: {why}"] if why else []
     if hub.online:  # the hub serves it (an id that does not exist fails at load, naming the id)
         return []
-    from ..sources import hub_cache_dir
+    from ..hub import hub_cache_dir
     fix = HOW.format(id=source, cache=hub_cache_dir())
     problems = []
     if not _cached_weights(source):
@@ -94,7 +94,7 @@ def source_problems(cfg, hub) -> list[str]:
 
 
 def _cached_config(repo: str) -> bool:
-    from ..sources import cached_hub_file
+    from ..hub import cached_hub_file
     return bool(cached_hub_file(repo, "config.json"))
 
 
@@ -115,7 +115,7 @@ def build_causal_lm(cfg) -> ModelBundle:
     else:
         from transformers import AutoTokenizer
 
-        from ..sources import hub_cache_dir, hub_status
+        from ..hub import hub_cache_dir, hub_status
         name, source = cfg.get("name"), str(cfg.pretrained)
         expected = cfg.get("model_type")
         local = is_local_path(source)

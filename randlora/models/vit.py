@@ -60,7 +60,7 @@ def _url_cache_path(url: str) -> str:
 
 
 def cached_tag_file(arch: str, tag: str) -> str | None:
-    from ..sources import cached_hub_file
+    from ..hub import cached_hub_file
     for repo, filename in tag_files(arch, tag):
         path = cached_hub_file(repo, filename)
         if path:
@@ -72,7 +72,7 @@ def cached_tag_file(arch: str, tag: str) -> str | None:
 
 
 def _tag_fix(arch: str, tag: str) -> str:
-    from ..sources import download_hint
+    from ..hub import download_hint
     files = tag_files(arch, tag)
     hint = download_hint(files[0][0], [files[0][1]]) if files else "download it on a machine with network"
     return (f"{hint}; or pass model.pretrained=/path/to/weights.safetensors (timm.create_model('{arch}.{tag}', "
@@ -156,7 +156,7 @@ def load_into_architecture(arch: str, tag: str | None, state: dict, kwargs: dict
 def build_timm(cfg) -> ModelBundle:
     import timm
 
-    from ..sources import hub_status
+    from ..hub import hub_status
 
     kwargs = dict(cfg.get("kwargs") or {})
     pretrained, arch = cfg.get("pretrained"), cfg.get("arch")

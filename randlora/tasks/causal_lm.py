@@ -30,15 +30,15 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..adapters import merge, unmerge
-from ..data.commonsense import (
+from ..adapters import adapted_layers, merge, unmerge
+from ..instructions import (
     ANSWER_EXTRACTIONS,
     PROMPT_TEMPLATES,
     extract_answer,
     extract_answer_upstream,
     response_text,
 )
-from .base import AdapterTask, apply_adapter
+from .base import AdapterTask, Network
 
 EVALUATORS = ("generate", "loglik", "both")
 _TASK_DEFAULTS = {"cutoff_len": 256, "train_on_inputs": True, "evaluator": "generate", "num_beams": 1,
@@ -46,7 +46,8 @@ _TASK_DEFAULTS = {"cutoff_len": 256, "train_on_inputs": True, "evaluator": "gene
                   "loglik_batch_size": 0, "prompt_template": "llm_adapters", "answer_extraction": "paper"}
 
 
-def _options(task_cfg) -> dict:
+def options(task_cfg) -> dict:
+    """The task's options with their defaults, checked (one ValueError per bad value)."""
     if isinstance(task_cfg, DictConfig):
         task_cfg = OmegaConf.to_container(task_cfg, resolve=True)
     t = dict(task_cfg or {})
@@ -107,15 +108,22 @@ def summarise(rows, task_names: list[str]) -> dict:
 
 
 class CausalLMTask(AdapterTask):
-    def __init__(self, bundle, adapter_cfg, optim: dict, task_cfg=None):
-        if bundle.tokenizer is None:
-            raise ValueError("a causal-LM task needs the model's tokenizer (bundle.tokenizer is None)")
-        opts = _options(task_cfg)
-        model = bundle.backbone
-        info = apply_adapter(model, adapter_cfg, list(bundle.default_targets))
-        super().__init__(optim, info)
-        self.net = model
-        self.tokenizer = bundle.tokenizer
+    model_kind = "causal_lm"  # the ModelBundle kind this task trains
+
+    @classmethod
+    def network(cls, bundle, data, task_cfg: dict, seed: int) -> Network:
+        return Network(bundle.backbone, list(bundle.default_targets), [])
+
+    @classmethod
+    def from_config(cls, net, bundle, data, task_cfg: dict, optim: dict, adapter: dict) -> "CausalLMTask":
+        return cls(net, optim, adapter, tokenizer=bundle.tokenizer, task_cfg=task_cfg)
+
+    def __init__(self, net, optim: dict, adapter: dict, *, tokenizer, task_cfg=None):
+        if tokenizer is None:
+            raise ValueError("a causal-LM task needs the model's tokenizer (the model bundle has none)")
+        opts = options(task_cfg)
+        super().__init__(net, optim, adapter)
+        self.tokenizer = tokenizer
         self.opts = opts
         self.evaluator = opts["evaluator"]
         self.extraction = opts["answer_extraction"]
@@ -288,7 +296,7 @@ class CausalLMTask(AdapterTask):
     # -- optional: evaluate the test set on merged weights (as the paper's evaluation script)
     def on_test_start(self):
         super().on_test_start()  # the cross-rank check of the constant buffers comes first
-        if self.opts["merge_for_test"] and self.adapter_info.get("method") not in (None, "full"):
+        if self.opts["merge_for_test"] and adapted_layers(self.net):
             merge(self.net)
             self._merged_for_test = True
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .base import AdapterTask, apply_adapter
+from .base import AdapterTask, Network
 
 
 class Classifier(nn.Module):
@@ -20,13 +20,23 @@ class Classifier(nn.Module):
 
 
 class ClassificationTask(AdapterTask):
-    def __init__(self, bundle, num_classes: int, adapter_cfg, optim: dict, label_smoothing: float = 0.0,
-                 head_seed: int = 0):
-        torch.manual_seed(head_seed)
-        net = Classifier(bundle.backbone, bundle.feature_dim, num_classes)
-        info = apply_adapter(net, adapter_cfg, list(bundle.default_targets), trainable_modules=["head"])
-        super().__init__(optim, info)
-        self.net = net
+    model_kind = "vision"  # the ModelBundle kind this task trains
+
+    @classmethod
+    def network(cls, bundle, data, task_cfg: dict, seed: int) -> Network:
+        """The backbone with a linear head over the dataset's classes (initialised from ``seed``); the
+        head trains in full next to the adapter."""
+        torch.manual_seed(seed)
+        net = Classifier(bundle.backbone, bundle.feature_dim, data.num_classes)
+        return Network(net, list(bundle.default_targets), ["head"])
+
+    @classmethod
+    def from_config(cls, net, bundle, data, task_cfg: dict, optim: dict, adapter: dict) -> "ClassificationTask":
+        return cls(net, optim, adapter, num_classes=data.num_classes,
+                   label_smoothing=float(task_cfg.get("label_smoothing") or 0.0))
+
+    def __init__(self, net: nn.Module, optim: dict, adapter: dict, *, num_classes: int, label_smoothing: float = 0.0):
+        super().__init__(net, optim, adapter)
         self.label_smoothing = label_smoothing
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -26,21 +26,51 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from .base import AdapterTask, apply_adapter
+from .base import AdapterTask, Network
+
+LOSSES = ("in_batch", "in_batch_official", "all_classes")
+SCALES = ("exp", "raw")
+TOWERS = ("train", "frozen")
+HEADS = ("auto", "single", "ensemble")
 
 
 class ClipTask(AdapterTask):
-    def __init__(self, bundle, class_names, adapter_cfg, optim: dict, prompt: str = "An image of {}",
-                 loss: str = "in_batch", logit_scale: str = "exp", text_tower: str = "train",
-                 templates=None, head: str = "auto"):
-        if loss not in ("in_batch", "in_batch_official", "all_classes"):
-            raise ValueError(f"task.loss={loss!r}; choose in_batch, in_batch_official or all_classes")
-        if logit_scale not in ("exp", "raw"):
-            raise ValueError(f"task.logit_scale={logit_scale!r}; choose exp or raw")
-        if text_tower not in ("train", "frozen"):
-            raise ValueError(f"task.text_tower={text_tower!r}; choose train or frozen")
-        if head not in ("auto", "single", "ensemble"):
-            raise ValueError(f"task.head={head!r}; choose auto, single or ensemble")
+    model_kind = "clip"  # the ModelBundle kind this task trains
+
+    @classmethod
+    def network(cls, bundle, data, task_cfg: dict, seed: int) -> Network:
+        """CLIP itself; with ``text_tower: frozen`` only the image tower's layers are targets."""
+        targets = list(bundle.default_targets)
+        if task_cfg.get("text_tower", "train") == "frozen":  # adapt the image tower only
+            alt = "|".join(t.replace(".", r"\.") for t in targets)
+            targets = rf"visual\..*\.({alt})"
+        return Network(bundle.backbone, targets, [])
+
+    @classmethod
+    def after_inject(cls, net, method: str, task_cfg: dict) -> None:
+        """The temperature stays frozen for adapters; full fine-tuning of a frozen text tower trains the
+        image tower and the temperature only."""
+        if method != "full":
+            net.logit_scale.requires_grad_(False)
+        elif task_cfg.get("text_tower", "train") == "frozen":
+            for name, p in net.named_parameters():
+                if not name.startswith("visual.") and name != "logit_scale":
+                    p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, net, bundle, data, task_cfg: dict, optim: dict, adapter: dict) -> "ClipTask":
+        return cls(net, optim, adapter, tokenizer=bundle.tokenizer, class_names=data.class_names,
+                   templates=getattr(data, "templates", None), prompt=task_cfg.get("prompt", "An image of {}"),
+                   loss=task_cfg.get("loss", "in_batch"), logit_scale=task_cfg.get("logit_scale", "exp"),
+                   text_tower=task_cfg.get("text_tower", "train"), head=task_cfg.get("head", "auto"))
+
+    def __init__(self, net, optim: dict, adapter: dict, *, tokenizer, class_names, prompt: str = "An image of {}",
+                 loss: str = "in_batch", logit_scale: str = "exp", text_tower: str = "train", templates=None,
+                 head: str = "auto"):
+        for key, value, allowed in (("loss", loss, LOSSES), ("logit_scale", logit_scale, SCALES),
+                                    ("text_tower", text_tower, TOWERS), ("head", head, HEADS)):
+            if value not in allowed:
+                raise ValueError(f"task.{key}={value!r}; choose one of {list(allowed)}")
         if not class_names:
             raise ValueError("CLIP needs class names (it scores the text of each class): the dataset has unnamed "
                              "labels and no curated list; set data.class_names=[...] in label order")
@@ -51,21 +81,8 @@ class ClipTask(AdapterTask):
         if head == "ensemble" and not templates:
             raise ValueError("task.head=ensemble needs the dataset's prompt templates; this dataset has no curated "
                              "templates (randlora/data/vision_datasets.json): use task.head=single")
-        net = bundle.backbone
-        targets = list(bundle.default_targets)
-        if text_tower == "frozen":  # adapt the image tower only
-            alt = "|".join(t.replace(".", r"\.") for t in targets)
-            targets = rf"visual\..*\.({alt})"
-        info = apply_adapter(net, adapter_cfg, targets)
-        if info["method"] != "full":
-            net.logit_scale.requires_grad_(False)
-        elif text_tower == "frozen":  # full fine-tuning of the image tower (and the scale) only
-            for name, p in net.named_parameters():
-                if not name.startswith("visual.") and name != "logit_scale":
-                    p.requires_grad_(False)
-        super().__init__(optim, info)
-        self.net = net
-        self.tokenizer = bundle.tokenizer
+        super().__init__(net, optim, adapter)
+        self.tokenizer = tokenizer
         self.class_names = list(class_names)
         self.prompts = [prompt.format(c) for c in self.class_names]
         self.loss_kind, self.scale_kind, self.text_tower, self.head_kind = loss, logit_scale, text_tower, head

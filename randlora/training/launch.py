@@ -51,8 +51,8 @@ INPROCESS_ENV = "RANDLORA_INPROCESS_JOBS"
 FORKS_ENV = "RANDLORA_JOB_FORKS"
 SERVER_ENV = "RANDLORA_FORK_SERVER_FD"  # set for the fork server: its control pipe
 # what every job imports before its first step (none of them starts a thread or touches CUDA)
-PREIMPORT = ("torch", "lightning.pytorch", "torchmetrics", "timm", "randlora.train", "randlora.callbacks",
-             "randlora.checkpoint_io", "randlora.loggers", "randlora.models", "randlora.validate",
+PREIMPORT = ("torch", "lightning.pytorch", "torchmetrics", "timm", "randlora.train", "randlora.training.callbacks",
+             "randlora.training.checkpoints", "randlora.loggers", "randlora.models", "randlora.training.config",
              "randlora.data.images", "randlora.tasks.classification", "randlora.tasks.clip")
 # the parent's hydra.* overrides that describe the sweep, not the job (the job is a single run)
 _SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher",
@@ -430,7 +430,7 @@ def _record_failure(cfg, hc, results_path: Path, cause: str, returncode: int | N
                     keep_error: bool) -> str:
     """Mark the job failed in its results.json (unless it completed), keeping an error the job recorded
     itself when ``keep_error``; returns the error the file holds."""
-    from .train import _config_record, write_json_atomic
+    from .folder import config_record, write_json_atomic
     res = _read_results(results_path)
     if res and res.get("status") == "completed":
         return "completed"
@@ -442,7 +442,7 @@ def _record_failure(cfg, hc, results_path: Path, cause: str, returncode: int | N
                      "shots": cfg.data.get("shots"), "fraction": cfg.data.get("fraction", 1.0),
                      "sweep": cfg.get("group"), "params": {}, "metrics": {}, "perf": {},
                      "run_dir": str(results_path.parent), "overrides": list(hc.overrides.task),
-                     "config": _config_record(cfg)}
+                     "config": config_record(cfg)}
     signalled = returncode is not None and returncode < 0
     record.update(status="failed", error=cause,
                   exit={"returncode": returncode, "signal": -returncode if signalled else None,
@@ -450,7 +450,7 @@ def _record_failure(cfg, hc, results_path: Path, cause: str, returncode: int | N
     attempts = record.get("attempts")
     if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict) \
             and attempts[-1].get("status") == "running":  # the attempt the job could not close itself
-        from .runfolder import now
+        from .folder import now
         attempts[-1].update(status="failed", error=cause, ended=now())
     try:
         write_json_atomic(results_path, record)
@@ -461,7 +461,7 @@ def _record_failure(cfg, hc, results_path: Path, cause: str, returncode: int | N
 
 def sweep_outcome(sweep_dir) -> dict:
     """{'completed': [...rows], 'failed': [...rows]} of the jobs under ``sweep_dir`` (report rows)."""
-    from .report import collect
+    from ..report import collect
     rows = collect([sweep_dir]) if Path(sweep_dir).is_dir() else []
     done = [r for r in rows if r["status"] == "completed"]
     return {"completed": done, "failed": [r for r in rows if r["status"] != "completed"]}

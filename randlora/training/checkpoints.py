@@ -10,7 +10,7 @@
 * Reading: ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only and
   refuses anything else, so a pickled payload never runs. Every read path uses it: ours
   (``load_checkpoint_file``), Lightning's (``AtomicCheckpointIO.load_checkpoint``, used by
-  ``trainer.fit/test(ckpt_path=...)``) and the FSDP strategy's (``randlora/distributed.py``).
+  ``trainer.fit/test(ckpt_path=...)``) and the FSDP strategy's (``randlora/training/distributed.py``).
   Files without checksums (written before they existed) load unverified.
 """
 from __future__ import annotations
@@ -21,8 +21,12 @@ import re
 import zlib
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..adapters import FUNCTION_OPTIONS, adapter_meta, bases_checksum, clean_name, diff_meta, is_adapted
+from ..adapters.state import jsonable
 
 CHECKSUM_KEY = "randlora_checksums"
 
@@ -197,3 +201,86 @@ def newest_checkpoint(folder) -> Path | None:
         if best_key is None or key > best_key:
             best, best_key = p, key
     return best
+
+
+# ----------------------------------------------------------------------- what a checkpoint holds
+def trained_keys(pl_module) -> set[str]:
+    """The state-dict keys a checkpoint keeps: every trained parameter, and the persistent buffers of
+    the modules that own one (an adapter's own state, e.g. DoRA-DR's importance scores and masks;
+    everything for full fine-tuning). Frozen weights and constants are rebuilt from the model source
+    and the seed. Names are the plain model's, also under FSDP's wrappers."""
+    keys = set()
+    for mname, module in pl_module.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        prefix = f"{mname}." if mname else ""
+        keys |= {clean_name(prefix + n) for n, p in own if p.requires_grad}
+        keys |= {clean_name(prefix + n) for n, b in module.named_buffers(recurse=False)
+                 if b is not None and n not in module._non_persistent_buffers_set}
+    return keys
+
+
+def check_checkpoint(net, checkpoint: dict) -> None:
+    """Raise a ValueError if ``checkpoint`` was not trained with ``net``'s adapter: another method,
+    other targets or trainable modules (so other tensor shapes), other random bases, or an option that
+    changes what the adapter computes (``FUNCTION_OPTIONS``: r, alpha, ...). Options that do not
+    (compute path, dropout, init, ...) may differ."""
+    saved_meta = checkpoint.get("adapter_meta")
+    if saved_meta is not None and is_adapted(net):
+        function = tuple(f"options.{k}:" for k in FUNCTION_OPTIONS)
+        diffs = [d for d in diff_meta(jsonable(adapter_meta(net)), jsonable(saved_meta))
+                 if not d.startswith("options.") or d.startswith(function)]
+        if diffs:
+            raise ValueError("the checkpoint was trained with another adapter: " + "; ".join(diffs)
+                             + "; resume with the checkpoint's adapter settings")
+    saved = checkpoint.get("bases_checksum")
+    mine = bases_checksum(net)
+    if saved is not None and mine is not None and saved != mine:
+        theirs = ((saved_meta or {}).get("options") or {}).get("bases_dtype", "float32")
+        ours = adapter_meta(net)["options"].get("bases_dtype", "float32")
+        if theirs != ours:
+            raise ValueError(
+                f"the checkpoint was trained with random bases stored as {theirs}, this run stores them as "
+                f"{ours} (adapter.bases_dtype follows trainer.precision unless set); resume with "
+                f"adapter.bases_dtype={theirs}")
+        raise ValueError(f"the checkpoint was trained with other random bases (checksum {saved}, this run "
+                         f"{mine}); resume with the same adapter.seed, adapter.distribution and targets")
+
+
+def load_trained_tensors(pl_module, checkpoint: dict) -> None:
+    """Load a checkpoint's trained tensors into an (unwrapped) task, for evaluation without training.
+    Every trained parameter must be in it, and nothing it holds may be unknown here."""
+    sd = checkpoint["state_dict"]
+    own = pl_module.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted({n for n, p in pl_module.named_parameters() if p.requires_grad} - set(sd))
+    if unexpected or missing:
+        raise ValueError(f"the checkpoint does not fit this model: missing trained tensors {missing[:5]}, "
+                         f"unknown tensors {unexpected[:5]}")
+    wrong = [f"{k}: model {tuple(own[k].shape)}, checkpoint {tuple(v.shape)}" for k, v in sd.items()
+             if tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"the checkpoint's tensor shapes differ from this model's: {wrong[:5]}")
+    pl_module.load_state_dict(sd, strict=False)
+
+
+class TrainedTensors(L.Callback):
+    """Checkpoints hold the trained tensors only (``trained_keys``), the adapter's record, a checksum
+    of the random bases and the run's record (settings, base model and dataset, checked by a resume:
+    ``randlora.training.folder``); a checkpoint of another adapter is refused when it is loaded."""
+
+    def __init__(self, run_record: dict | None = None):
+        self.run_record = run_record
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        keep = trained_keys(pl_module)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        net = pl_module.net
+        checkpoint["adapter_meta"] = adapter_meta(net) if is_adapted(net) else None
+        checkpoint["bases_checksum"] = bases_checksum(net)
+        if self.run_record is not None:
+            checkpoint["randlora_run"] = self.run_record
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        check_checkpoint(pl_module.net, checkpoint)

@@ -16,17 +16,18 @@ import functools
 import math
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from .adapters import METHODS, resolve_options
+from ..adapters import METHODS, resolve_options
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine")
 SOURCES = ("digits", "synthetic", "hf", "imagefolder", "torchvision", "ucf101_midframes", "cub_200_2011",
            "voc2007_crops", "instructions")
 FAMILIES = ("timm", "open_clip", "hf_causal_lm")
 TASKS = ("classification", "clip", "causal_lm")
-FRAMEWORK_KEYS = {"method", "budget", "lr", "lr_by_task", "weight_decay", "target_modules", "trainable_modules", "name"}
+FRAMEWORK_KEYS = {"method", "budget", "budget_tolerance", "scaling", "lr", "lr_by_task", "weight_decay",
+                  "target_modules", "trainable_modules", "name"}  # adapter keys that are not inject() options
 # keys the code reads that no shipped YAML file sets (randlora/train.py build_datamodule: the model's
 # normalisation, e.g. for a local timm checkpoint with its own mean / std)
 EXTRA_KEYS = {"model": {"mean", "std"}}
@@ -73,8 +74,16 @@ def _int(x) -> bool:
 
 
 def effective_lr(cfg):
-    """optim.lr if set, else adapter.lr, else the paper's LR for this method and task kind."""
+    """optim.lr if set, else adapter.lr, else the paper's LR for this method and task (``lr_by_task``)."""
     return _lr_source(cfg)[1]
+
+
+def lr_task_key(cfg) -> str:
+    """The ``adapter.lr_by_task`` entry of this run: the task kind, except CLIP with a frozen text tower
+    (the paper's vision-only experiments, §5.2 / App. C.3: LoRA and RandLoRA at 1e-2, FT at 1e-5 as in the
+    vision-language runs), which has its own entry ``clip_vision``."""
+    kind = cfg.task.kind
+    return "clip_vision" if kind == "clip" and cfg.task.get("text_tower") == "frozen" else kind
 
 
 def _lr_source(cfg):
@@ -83,7 +92,8 @@ def _lr_source(cfg):
         if v is not None:
             return key, v
     table = cfg.adapter.get("lr_by_task") or {}
-    return f"adapter.lr_by_task.{cfg.task.kind}", table.get(cfg.task.kind)
+    key = lr_task_key(cfg)
+    return f"adapter.lr_by_task.{key}", table.get(key)
 
 
 # ----------------------------------------------------------------------------------------- known keys
@@ -285,8 +295,8 @@ def _check_task(cfg) -> None:
             raise ValueError(f"task.prompt={prompt!r} must contain {{}} where the class name goes "
                              "(e.g. 'An image of {}.'); without it every class gets the same text")
     if kind == "causal_lm":
-        from .tasks.causal_lm import _options
-        _options(t)
+        from ..tasks.causal_lm import options
+        options(t)
         lb = t.get("loglik_batch_size", 0)
         if not (_int(lb) and lb >= 0):
             raise ValueError(f"task.loglik_batch_size={lb!r} must be an integer >= 0 (0: the whole eval batch)")
@@ -454,17 +464,53 @@ def _devices_ok(dev) -> bool:
     return False
 
 
+def world_size(trainer) -> int:
+    """How many processes train (devices per node x nodes), by one rule for every part of the framework:
+    a positive count or a list / "0,1" string of device ids as given; -1 or "auto" all visible GPUs on a
+    GPU accelerator (at least 1), one process on the CPU."""
+    dev = trainer.get("devices", 1)
+    if OmegaConf.is_list(dev) or isinstance(dev, (list, tuple)):
+        n = len(dev)
+    elif isinstance(dev, str) and dev.strip() != "auto":
+        n = len([p for p in dev.split(",") if p.strip()]) if "," in dev else max(1, int(dev))
+    elif _int(dev) and dev > 0:
+        n = dev
+    else:  # -1 / "auto"
+        import torch
+        acc = trainer.get("accelerator", "auto")
+        n = max(1, torch.cuda.device_count()) if acc in ("gpu", "cuda") or (
+            acc in ("auto", None) and torch.cuda.is_available()) else 1
+    return n * int(trainer.get("num_nodes", 1) or 1)
+
+
 def _check_batch(cfg) -> None:
     eff = cfg.get("effective_batch_size")
     if eff is not None and not (_int(eff) and eff > 0):
         raise ValueError(f"effective_batch_size={eff!r} must be a positive integer or null")
     if eff is not None:
-        bs, t = cfg.data.batch_size, cfg.trainer
-        dev = t.get("devices", 1)
-        ndev = (dev if isinstance(dev, int) and dev > 0 else 1) * int(t.get("num_nodes", 1) or 1)
-        if eff % (bs * ndev):
+        per_step = cfg.data.batch_size * world_size(cfg.trainer)
+        if eff % per_step:
             raise ValueError(f"effective_batch_size={eff} is not a multiple of data.batch_size x devices = "
-                             f"{bs * ndev}; choose a multiple (accumulation must be a whole number)")
+                             f"{per_step}; choose a multiple (accumulation must be a whole number)")
+
+
+def resolve(cfg):
+    """The config with every default the run depends on made explicit, so that it is recorded once, as it
+    trains: ``optim.lr`` (the method's paper LR for the task when unset), ``trainer.max_epochs`` (the
+    dataset's epochs, or its few-shot epochs for k-shot runs, when unset) and
+    ``trainer.accumulate_grad_batches`` (from ``effective_batch_size``). ``cfg`` must have passed
+    ``validate_config``; a resolved config resolves to itself."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.optim.lr = float(effective_lr(cfg))
+        t = cfg.trainer
+        if t.get("max_epochs") is None:
+            shots = cfg.data.get("shots")
+            t.max_epochs = int(cfg.data.get("few_shot_epochs" if shots else "epochs", 1) or 1)
+        eff = cfg.get("effective_batch_size")
+        if eff:
+            t.accumulate_grad_batches = int(eff) // (int(cfg.data.batch_size) * world_size(t))
+    return cfg
 
 
 def _check_callbacks(cfg) -> None:
@@ -495,10 +541,10 @@ def _check_logger(cfg) -> None:
 
 
 def _check_fsdp(cfg) -> None:
-    """What randlora's FSDP strategy (randlora.distributed.fsdp_strategy) does not support."""
+    """What randlora's FSDP strategy (randlora.training.distributed.fsdp_strategy) does not support."""
     if cfg.trainer.get("strategy") != "fsdp":
         return
-    from .compile import normalise_options
+    from ..compile import normalise_options
     if normalise_options(compile_options(cfg)) is not None:
         raise ValueError("compile.enabled=true is not supported with trainer.strategy=fsdp (untested with the "
                          "per-block FSDP units); use trainer.strategy=ddp to compile, or compile.enabled=false")
@@ -515,8 +561,8 @@ def _check_fsdp(cfg) -> None:
 
 def check_fsdp_blocks(cfg) -> None:
     """FSDP shards block by block: the model must have repeated blocks (checked on the meta device)."""
-    from .compile import repeated_blocks
-    from .models import meta_backbone
+    from ..compile import repeated_blocks
+    from ..models import meta_backbone
     model = meta_backbone(cfg.model)
     if model is not None and not repeated_blocks(model):
         raise ValueError(f"trainer.strategy=fsdp shards the model block by block, but {cfg.model.name!r} has no "
@@ -527,8 +573,8 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
     """Targets, rank and budget against the architecture built on the meta device (no weights)."""
     if method == "full":
         return
-    from .adapters import check_rank, find_targets, match_budget
-    from .models import meta_backbone
+    from ..adapters import check_rank, find_targets, match_budget
+    from ..models import meta_backbone
     model = meta_backbone(cfg.model)
     if model is None:
         return  # only knowable after loading (a hub-only architecture): inject() checks it then
@@ -559,7 +605,7 @@ def compile_options(cfg):
 
 
 def _check_compile(cfg) -> None:
-    from .compile import normalise_options
+    from ..compile import normalise_options
     opts = normalise_options(compile_options(cfg))
     if opts and opts["scope"] == "model" and cfg.task.kind == "clip":
         raise ValueError("compile.scope=model compiles forward(), which the CLIP task never calls (it calls "

@@ -1,24 +1,17 @@
-"""Where a job's weights and data come from, checked before anything is downloaded or built.
+"""The Hugging Face hub as this process sees it: reachable or not, and what its local caches hold.
 
-A job reads up to four kinds of source: model weights, a tokenizer, a training set and test sets.
-Each is a local path, a Hugging Face hub id (model or dataset repository; open_clip and timm tags
-resolve to one), or a URL. Without a network a hub library retries every request for tens of seconds
-and reports one missing source per attempt. Instead:
-
-* :func:`hub_status` decides once per process whether the hub is reachable: an offline flag
-  (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) says it is not; otherwise one
-  request to the endpoint the hub libraries use (``huggingface_hub.constants.ENDPOINT``, i.e.
-  ``HF_ENDPOINT``) answers it, bounded by :data:`PROBE_TIMEOUT_S`. When the hub is unreachable every
-  Hugging Face library of this process is put offline (their own flags), so no loader retries.
-* :func:`check_sources` asks the model and data modules which of their sources are unavailable
-  (``source_problems(cfg, hub)``: a local path that does not exist, or a hub source that is not in
-  the local cache while the hub is unreachable) and raises one
-  :class:`~randlora.models.SourceUnavailableError` that lists every one of them with its fix.
+Without a network a hub library retries every request for tens of seconds. :func:`hub_status`
+decides once per process whether the hub is reachable: an offline flag (``HF_HUB_OFFLINE``,
+``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) says it is not; otherwise one request to the endpoint
+the hub libraries use (``huggingface_hub.constants.ENDPOINT``, i.e. ``HF_ENDPOINT``) answers it,
+bounded by :data:`PROBE_TIMEOUT_S`. When the hub is unreachable every Hugging Face library of this
+process is put offline (their own flags), so no loader retries.
 
 A hub source counts as available offline when the loader would find it in the local cache: a model
 file in the ``huggingface_hub`` cache (``HF_HUB_CACHE``), a dataset in the ``datasets`` cache
 (``HF_DATASETS_CACHE``). A URL is never available offline (``datasets`` does not serve a cached URL
-without the network).
+without the network). The model and data loaders use these lookups for their ``source_problems``;
+``randlora.training.preflight`` collects them for a whole job.
 """
 from __future__ import annotations
 
@@ -30,7 +23,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .models import SourceUnavailableError
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROBE_TIMEOUT_S = 3.0
@@ -167,41 +159,3 @@ def download_hint(repo_id: str, files: list[str] | None = None, repo_type: str =
     kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
     return (f"on a machine with network run `hf download{kind} {what}` and copy its cache folder "
             f"({hub_cache_dir()}) here (or set HF_HUB_CACHE to a copy)")
-
-
-# ------------------------------------------------------------------------------------- the check
-def source_problems(cfg, hub: HubStatus | None = None) -> list[str]:
-    """Every source of the job ``cfg`` (model, tokenizer, datasets) that cannot be read, one line each
-    with its fix; empty when all can."""
-    from omegaconf import OmegaConf
-
-    from .models import source_problems as model_problems
-    hub = hub or hub_status()
-
-    def plain(c):
-        return OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else dict(c or {})
-
-    model_cfg, data_cfg = plain(cfg.model), plain(cfg.data)
-    problems = list(model_problems(model_cfg, hub))
-    if data_cfg.get("source") == "instructions":
-        from .data.commonsense import source_problems as data_problems
-    else:
-        from .data import images
-        data_problems = getattr(images, "source_problems", None)
-    if data_problems is not None:
-        problems += list(data_problems(data_cfg, hub))
-    return problems
-
-
-def check_sources(cfg, hub: HubStatus | None = None) -> None:
-    """Raise one :class:`SourceUnavailableError` listing every unavailable source of the job, before
-    anything is downloaded or built; return quietly when every source can be read."""
-    hub = hub or hub_status()
-    problems = source_problems(cfg, hub)
-    if not problems:
-        return
-    n = len(problems)
-    where = f" ({hub.reason})" if not hub.online else ""
-    head = (f"{n} source{'s' if n > 1 else ''} of this job {'are' if n > 1 else 'is'} not available{where}; "
-            "nothing was downloaded or built:")
-    raise SourceUnavailableError("\n".join([head] + [f"  - {p}" for p in problems]))

@@ -5,7 +5,7 @@ training split of scikit-learn's digits; the quickstart then adapts it to all te
 adapters start from features that know some digits but not the task — the PEFT setting in
 miniature. Deterministic; about a minute on one CPU core:
 
-    python -m randlora.models.pretrain_tiny
+    python -m randlora.pretrain
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ..data.images import DIGIT_NAMES, ImageDataModule
-from . import CLIP_MEAN, CLIP_STD
+from .data.images import DIGIT_NAMES, ImageDataModule
+from .models import CLIP_MEAN, CLIP_STD
 
 KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, global_pool="avg")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):

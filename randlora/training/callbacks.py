@@ -9,7 +9,8 @@ import time
 import lightning as L
 import torch
 
-from .adapters import compute_paths, format_paths, save_adapter
+from ..adapters import compute_paths, format_paths, save_adapter
+from ..buffers import check_static_buffers
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -279,7 +280,7 @@ class RunCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
 
 def _train_sampler(trainer):
     """The training loader's EpochSeededSampler, or None (a datamodule with another sampler)."""
-    from .data.samplers import EpochSeededSampler
+    from ..data.samplers import EpochSeededSampler
     dl = getattr(trainer, "train_dataloader", None)
     for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
         if isinstance(s, EpochSeededSampler):
@@ -578,3 +579,47 @@ class ExactResume(L.Callback):
                 setattr(m, k, [t.to(dev) for t in v] if isinstance(v, list) else v.to(dev))
             m._update_count = s["count"]
             m._computed = None
+
+
+class ConstantBuffersCheck(L.Callback):
+    """Every rank must hold the same constant buffers (random bases, rotary frequencies ...), since DDP
+    no longer overwrites them with rank 0's (randlora/buffers.py): checked once, at the start of
+    whichever of fit / validate / test / predict comes first."""
+
+    def __init__(self):
+        self.checked = False
+
+    def _check(self, trainer, pl_module):
+        if trainer.world_size > 1 and not self.checked:
+            check_static_buffers(pl_module, pl_module.all_gather, pl_module.device)
+            self.checked = True
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = _check
+
+
+class CudaGraphSteps(L.Callback):
+    """With ``torch.compile`` and CUDA graphs (compile.mode=reduce-overhead or max-autotune) every step
+    opens a new generation of the graph trees, so no step reads an output the next one overwrote."""
+
+    @staticmethod
+    def _mark(*_args, **_kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = _mark
+
+
+class RankHeatmap(L.Callback):
+    """For an adapter whose training schedule redistributes rank across layers (DoRA-DR): the surviving
+    rank per layer as ``<run>/<method>_ranks.png`` at the end of training, also sent to loggers that
+    take images."""
+
+    def on_train_end(self, trainer, pl_module):
+        schedule = getattr(pl_module, "schedule", None)
+        if schedule is None or not getattr(schedule, "redistributes_rank", False) or not trainer.is_global_zero:
+            return
+        from ..analysis import plot_rank_heatmap
+        path = os.path.join(trainer.default_root_dir, f"{pl_module.adapter_info['method']}_ranks.png")
+        plot_rank_heatmap(schedule.rank_table(), path, r_start=schedule.r_start, r=schedule.r)
+        for lg in trainer.loggers:
+            if hasattr(lg, "log_image"):
+                lg.log_image(key=f"{pl_module.adapter_info['method']}/rank_heatmap", images=[path])

@@ -438,10 +438,10 @@ def hydra_compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .train import CONFIG_DIR
+    from .config import CONFIG_DIR
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
@@ -580,3 +580,30 @@ def use_durable_csv(loggers, resume_step: int | None = None, resume_epoch: int |
     for lg in loggers:
         if isinstance(lg, CSVLogger) and getattr(lg, "_experiment", None) is None:
             lg._experiment = make_csv_writer(lg.log_dir, resume_step, resume_epoch)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it over ``path``; on failure (a full disk) the
+    previous file stays and the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def config_record(cfg) -> dict:
+    """The config for results.json, resolved (the concrete seed, bases dtype, paths); as written where an
+    interpolation cannot be resolved (a Hydra runtime key outside a Hydra job)."""
+    from omegaconf import OmegaConf
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - any resolver error: keep the unresolved form
+        return OmegaConf.to_container(cfg, resolve=False)
