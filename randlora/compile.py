@@ -89,10 +89,10 @@ def normalise_options(opts) -> dict | None:
 def _is_block(module: nn.Module) -> bool:
     """A block holds several layers (a transformer block: attention and MLP projections); a layer
     (Linear, an adapted layer, an attention module with one projection) is not one."""
-    from .adapters.layers import _Wrapper
-    if isinstance(module, (nn.Linear, _Wrapper, nn.ModuleList, nn.Sequential)):
+    from .adapters.layers import AdapterWrapper
+    if isinstance(module, (nn.Linear, AdapterWrapper, nn.ModuleList, nn.Sequential)):
         return False
-    return sum(isinstance(m, (nn.Linear, _Wrapper)) for m in module.modules()) >= 2
+    return sum(isinstance(m, (nn.Linear, AdapterWrapper)) for m in module.modules()) >= 2
 
 
 def _stack(mod: nn.Module) -> list[tuple[str, nn.Module]] | None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it is already that dtype (a no-op ``to`` still costs
     ~1 us of host time, and a launch-bound GPU step waits on the host)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -104,7 +104,7 @@ class Update(nn.Module):
         return param.dtype
 
 
-class _Wrapper(nn.Module):
+class AdapterWrapper(nn.Module):
     """Common state of the two wrappers: the frozen base, the update, the merged flag."""
 
     def __init__(self, base_layer: nn.Module, update: Update, dropout: float):
@@ -159,7 +159,7 @@ class _Wrapper(nn.Module):
         self.merged = False
 
 
-class AdaptedLinear(_Wrapper):
+class AdaptedLinear(AdapterWrapper):
     def __init__(self, base_layer: nn.Linear, update: Update, dropout: float = 0.0):
         super().__init__(base_layer, update, dropout)
         self.in_features = base_layer.in_features
@@ -200,7 +200,7 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
-class AdaptedParameter(_Wrapper):
+class AdaptedParameter(AdapterWrapper):
     """Adapts ``getattr(base_layer, param_name)`` (a 2-D ``(out, in)`` weight)."""
 
     def __init__(self, base_layer: nn.Module, param_name: str, update: Update, dropout: float = 0.0):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import DISTRIBUTIONS, SharedBases, draw_basis
-from .layers import Update, _as
+from .layers import Update, as_dtype
 from .options import Method, MethodOptions, function_option
 
 PATHS = ("auto", "factorised", "merged")
@@ -201,7 +201,7 @@ class _ScaledBases(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         lam, gam, a = ctx.saved_tensors
-        g_lam, g_gam = _grad_lambda_gamma(_as(g, lam.dtype), lam, gam, _as(a, lam.dtype), rank_major=ctx.rank_major)
+        g_lam, g_gam = _grad_lambda_gamma(as_dtype(g, lam.dtype), lam, gam, as_dtype(a, lam.dtype), rank_major=ctx.rank_major)
         return g_lam, g_gam, None, None
 
 
@@ -211,9 +211,9 @@ class _Factorised(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
-        sa = _as(_scaled_a(lam, gam, a, rank_major).mul_(scaling), dtype)  # s folded into A~, not the output
-        bd = _as(b, dtype)
+        x2 = as_dtype(x.reshape(-1, x.shape[-1]), dtype)
+        sa = as_dtype(_scaled_a(lam, gam, a, rank_major).mul_(scaling), dtype)  # s folded into A~, not the output
+        bd = as_dtype(b, dtype)
         h = None
         if in_small:   # dW = Bs^T A~ : x -> A~ -> Bs
             y = (x2 @ sa.t()) @ bd
@@ -229,32 +229,32 @@ class _Factorised(torch.autograd.Function):
     def backward(ctx, gy):
         x, lam, gam, a, b, h = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
-        sa = _as(_scaled_a(lam, gam, a, ctx.rank_major).mul_(s), dt)  # s * A~, as in forward
-        bd = _as(b, dt)
+        g2 = as_dtype(gy.reshape(-1, gy.shape[-1]), dt)
+        sa = as_dtype(_scaled_a(lam, gam, a, ctx.rank_major).mul_(s), dt)  # s * A~, as in forward
+        bd = as_dtype(b, dt)
         if ctx.in_small:
             gh = g2 @ bd.t()                       # (T, n*r)
             gx = gh @ sa if ctx.needs_input_grad[0] else None
             del sa
-            g_sa = gh.t() @ _as(x.reshape(-1, x.shape[-1]), dt)  # (n*r, in): gradient of s * A~
+            g_sa = gh.t() @ as_dtype(x.reshape(-1, x.shape[-1]), dt)  # (n*r, in): gradient of s * A~
         else:
             g_sa = h.t() @ g2                      # (n*r, out)
             gx = (g2 @ sa.t()) @ bd if ctx.needs_input_grad[0] else None
             del sa
-        g_sa = _as(g_sa, lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
-        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, _as(a, lam.dtype), inplace=True, rank_major=ctx.rank_major)
+        g_sa = as_dtype(g_sa, lam.dtype).mul_(s)          # gradient of A~ (scaled on the small side, not gy)
+        g_lam, g_gam = _grad_lambda_gamma(g_sa, lam, gam, as_dtype(a, lam.dtype), inplace=True, rank_major=ctx.rank_major)
         if gx is not None:
-            gx = _as(gx.reshape(x.shape), x.dtype)
+            gx = as_dtype(gx.reshape(x.shape), x.dtype)
         return gx, g_lam, g_gam, None, None, None, None, None, None
 
 
 def _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
     """W0 + s dW in one addmm (no separate dW temporary)."""
-    sa = _as(_scaled_a(lam, gam, a, rank_major), dtype)
-    bd = _as(b, dtype)
+    sa = as_dtype(_scaled_a(lam, gam, a, rank_major), dtype)
+    bd = as_dtype(b, dtype)
     if in_small:
-        return torch.addmm(_as(weight, dtype), bd.t(), sa, alpha=scaling)
-    return torch.addmm(_as(weight, dtype), sa.t(), bd, alpha=scaling)
+        return torch.addmm(as_dtype(weight, dtype), bd.t(), sa, alpha=scaling)
+    return torch.addmm(as_dtype(weight, dtype), sa.t(), bd, alpha=scaling)
 
 
 class _Merged(torch.autograd.Function):
@@ -263,7 +263,7 @@ class _Merged(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lam, gam, a, b, scaling, in_small, dtype, rank_major=True):
         w_eff = _w_eff(weight, lam, gam, a, b, scaling, in_small, dtype, rank_major)
-        y = F.linear(_as(x, dtype), w_eff, None if bias is None else _as(bias, dtype))
+        y = F.linear(as_dtype(x, dtype), w_eff, None if bias is None else as_dtype(bias, dtype))
         ctx.save_for_backward(x, weight, lam, gam, a, b)
         ctx.scaling, ctx.in_small, ctx.dtype, ctx.rank_major = scaling, in_small, dtype, rank_major
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -273,22 +273,22 @@ class _Merged(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, lam, gam, a, b = ctx.saved_tensors
         dt, s = ctx.dtype, ctx.scaling
-        g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
-        x2 = _as(x.reshape(-1, x.shape[-1]), dt)
+        g2 = as_dtype(gy.reshape(-1, gy.shape[-1]), dt)
+        x2 = as_dtype(x.reshape(-1, x.shape[-1]), dt)
         gx = None
         if ctx.needs_input_grad[0]:
             w_eff = _w_eff(weight, lam, gam, a, b, s, ctx.in_small, dt, ctx.rank_major)
-            gx = _as((g2 @ w_eff).reshape(x.shape), x.dtype)
+            gx = as_dtype((g2 @ w_eff).reshape(x.shape), x.dtype)
             del w_eff
         g_dw = g2.t() @ x2                         # (out, in)
-        bd = _as(b, dt)
+        bd = as_dtype(b, dt)
         g_sa = bd @ g_dw if ctx.in_small else bd @ g_dw.t()
         del g_dw
         g_sa.mul_(s)                               # scale the (n*r x m) result, not the (out x in) gW
-        g_lam, g_gam = _grad_lambda_gamma(_as(g_sa, lam.dtype), lam, gam, _as(a, lam.dtype), inplace=True,
+        g_lam, g_gam = _grad_lambda_gamma(as_dtype(g_sa, lam.dtype), lam, gam, as_dtype(a, lam.dtype), inplace=True,
                                           rank_major=ctx.rank_major)
         # a bias someone unfroze by hand still gets its gradient (the adapter never trains it)
-        g_bias = _as(g2.sum(0), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        g_bias = as_dtype(g2.sum(0), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return gx, None, g_bias, g_lam, g_gam, None, None, None, None, None, None
 
 

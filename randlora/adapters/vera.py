@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import SharedBases
-from .layers import Update, _as
+from .layers import Update, as_dtype
 from .options import Method, MethodOptions, function_option
 
 
@@ -80,7 +80,7 @@ class VeRAUpdate(Update):
         m = b * torch.outer(self.vera_b, self.vera_d)
         if self.scaling != 1.0:  # default alpha = r: s = 1
             m = m * self.scaling
-        return F.linear(F.linear(_as(x, dt), a), _as(m, dt))
+        return F.linear(F.linear(as_dtype(x, dt), a), as_dtype(m, dt))
 
 
 METHOD = Method("vera", VeRAOptions, VeRAUpdate,

@@ -1,0 +1,103 @@
+"""The import graph of the package follows docs/architecture.md: lower layers never import higher ones,
+and no module imports another's private names."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "randlora"
+
+# docs/architecture.md, "Layers: who may import whom" (a unit is a top-level module or subpackage)
+LAYER = {"errors": 0, "hub": 1, "instructions": 1, "results": 1,
+         "adapters": 1, "buffers": 2, "compile": 2, "analysis": 2,
+         "models": 3, "data": 3,
+         "tasks": 4, "report": 4,
+         "training": 5, "loggers": 5,
+         "train": 6, "export": 6, "pretrain": 6}
+# beyond the layer rule: the library imports nothing of the package; the two layer-3 units never import each
+# other; the layer-2 utilities use the library only; the report reads results.json files, whatever wrote them
+ALLOWED = {"adapters": set(), "buffers": {"adapters"}, "compile": {"adapters"}, "analysis": {"adapters"},
+           "models": {"errors", "hub", "instructions", "results"}, "data": {"errors", "hub", "instructions", "results"},
+           "report": {"results", "adapters"}}
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path):
+    """(imported module, names, line) of every randlora import in ``path`` (also inside functions)."""
+    mod = _module(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "randlora":
+                yield target, [a.name for a in node.names], node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "randlora":
+                    yield a.name, [], node.lineno
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _files():
+    return [p for p in PACKAGE.rglob("*.py") if "bundled" not in p.parts]
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(_module(p)) for p in _files()} - {""}
+    assert units <= set(LAYER), f"add {units - set(LAYER)} to docs/architecture.md and LAYER"
+
+
+def test_lower_layers_never_import_higher_ones():
+    bad = []
+    for path in _files():
+        src = _unit(_module(path))
+        for target, names, line in _imports(path):
+            dst = _unit(target)
+            if not src or not dst or dst == src:
+                continue
+            if dst == "" and names:  # from randlora import x
+                dst = names[0]
+            allowed = ALLOWED.get(src)
+            ok = dst in allowed if allowed is not None else LAYER.get(dst, 99) < LAYER.get(src, 99)
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {src} imports {target}")
+    assert bad == [], "imports against docs/architecture.md:\n" + "\n".join(bad)
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [f"{path.relative_to(ROOT)}:{line}: from {target} import {n}"
+           for path in _files() for target, names, line in _imports(path)
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    assert bad == [], "\n".join(bad)
+
+
+def test_the_adapter_library_needs_only_its_declared_dependencies():
+    """``pip install randlora`` (no extra) gives a working ``randlora.adapters``: every third-party module
+    the library imports is a core dependency in pyproject.toml, and nothing else is one."""
+    import sys
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    core = {d.split(">")[0].split("<")[0].split("=")[0].strip() for d in deps}
+    assert core == {"torch", "safetensors", "numpy"}
+    third_party = set()
+    for path in (PACKAGE / "adapters").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            third_party |= {n.split(".")[0] for n in names}
+    third_party -= set(sys.stdlib_module_names) | {"randlora", "__future__"}
+    assert third_party <= core, f"the library imports {third_party - core}, which the core install lacks"
