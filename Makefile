@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-cuda bench train reproduce clean
+.PHONY: install test test-unit test-integration test-cuda bench train reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+# the unit tier (the library, configs, loaders, messages: about a minute) and the integration tier (the training
+# pipeline, the CLI, DDP / FSDP, sweeps, kill / resume); `make test` runs both
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -m integration
 
 # on a machine with a GPU: the CUDA invariants and a bf16 training run (tests/test_cuda.py)
 test-cuda: $(STAMP)

@@ -178,6 +178,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.integration
 def test_same_seed_same_bases_in_another_process():
     out = [subprocess.run([sys.executable, "-c", BASES_SCRIPT], capture_output=True, text=True, check=True)
            .stdout.strip() for _ in range(2)]

@@ -273,6 +273,7 @@ def test_cpu_repro_randsum_full_matches_library_formula():
     assert numerical_rank(a.delta_weight().detach()) == 2
 
 
+@pytest.mark.integration
 def test_cpu_repro_quick_mode_writes_report(tmp_path):
     """``python -m experiments.cpu_repro --quick`` end to end (run in-process to share the torch import)."""
     from experiments.cpu_repro.__main__ import main

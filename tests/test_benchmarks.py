@@ -30,6 +30,7 @@ def quick(tmp_path_factory):
     return res, out
 
 
+@pytest.mark.integration
 def test_every_model_has_every_row_with_finite_times(quick):
     res, _ = quick
     assert set(res["models"]) == {"vit", "clip", "llama"}
@@ -70,6 +71,7 @@ def test_budgets_paths_and_ratios(quick):
             assert math.isfinite(m["ratios"]["peft_vs_ours_randlora_time"][0])
 
 
+@pytest.mark.integration
 def test_compiled_rows_run_interleaved_with_their_eager_twins(tmp_path):
     """--compile adds each configuration compiled (aot_eager here: the same graphs as inductor, no
     C++ build), times it in the same rounds, and reports the target ratios among compiled rows."""
@@ -189,6 +191,7 @@ def test_attention_path_benchmark_compares_both_paths(tmp_path):
     assert "RandLoRA / LoRA step:" in text
 
 
+@pytest.mark.integration
 def test_ddp_benchmark_two_ranks_skip_the_bases(tmp_path):
     """benchmarks.ddp runs two gloo ranks; plain DDP broadcasts RandLoRA's bases before every step,
     the framework's setting broadcasts nothing (LoRA has no buffer to send)."""

@@ -218,6 +218,7 @@ def test_loglik_scores_match_unpadded_sums(tiny_task):
     assert text.strip() == batch["cand_text"][j]
 
 
+@pytest.mark.integration
 def test_generation_runs_eager_when_the_blocks_are_compiled(tiny_task):
     """Decoding with a KV cache would specialise every compiled layer on its cache slot (2 graphs per
     layer) and exhaust the recompile limit, leaving training eager; generate_texts runs eager."""
@@ -353,6 +354,7 @@ PAPER = {"llama3": ("llama3_8b", {16: 60, 32: 30, 64: 15}, 4), "qwen2": ("qwen2_
          "phi3": ("phi3_mini", {16: 40, 32: 20, 64: 10}, 16)}
 
 
+@pytest.mark.integration
 def test_paper_experiment_configs_compose():
     names = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("commonsense_*.yaml"))
     assert len(names) == 21  # 19 + the DoRA-16/32 baselines on LLaMA3 (Table 6)
@@ -389,6 +391,7 @@ def _losses(run_dir: Path) -> list[float]:
     ("vera", ["adapter.lr=3e-2", "adapter.r=64", "adapter.alpha=128"]),
     ("randlora", ["adapter.lr=1e-2"]),
 ])
+@pytest.mark.integration
 def test_tiny_llama_trains_and_evaluates_through_the_framework(tmp_path, method, extra):
     from randlora.train import run
     cfg = compose(["model=tiny_llama", "data=commonsense_tiny", f"adapter={method}", "trainer=cpu",

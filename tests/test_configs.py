@@ -47,6 +47,7 @@ def test_a_figure_sweep_is_its_paper_experiment():
         assert sweep_params([f"sweep={sweep}"]) == sweep_params([f"experiment={experiment}"])
 
 
+@pytest.mark.integration
 def test_commonsense_experiments_differ_only_in_model_method_rank_and_alpha():
     names = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("commonsense_*.yaml"))
     assert len(names) == 21

@@ -100,6 +100,7 @@ HUB = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(HUB))
 def test_simulated_hub_copy_through_the_real_loader(name, tmp_path):
     import datasets
@@ -193,6 +194,7 @@ def test_flowers102_published_validation_and_shots_above_class_size(tmp_path):
     assert dm.sampling_summary()["train_per_class_max"] == 4 and len(dm.train_set) == 408
 
 
+@pytest.mark.integration
 def test_a_validation_set_that_would_be_empty_is_refused_before_the_model(tmp_path):
     repo = _flowers_hub(tmp_path)
     over = ["data=flowers102", f"data.hub_id={repo}", "data.val_split=null"]  # 5 % of 10 per class rounds to 0
@@ -205,6 +207,7 @@ def test_a_validation_set_that_would_be_empty_is_refused_before_the_model(tmp_pa
     assert out["status"] == "failed" and out["params"] == {}  # nothing was built
 
 
+@pytest.mark.integration
 def test_results_json_records_the_shots_actually_used(tmp_path):
     res = run(compose_cfg(["data.shots=5", *FAST], tmp_path))
     d = json.loads((tmp_path / "results.json").read_text())["data"]
@@ -397,6 +400,7 @@ CHECKSUMMED = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "st
                "flowers102": "Flowers102"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_layout_through_the_real_loader(name, tmp_path, monkeypatch):
     import torchvision.datasets as tvd

@@ -154,14 +154,20 @@ class _SkewedTask(ClassificationTask):
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["fit", "test"])
 def test_framework_stops_when_ranks_hold_other_bases(entry, tmp_path):
-    """DDP no longer overwrites rank 1's bases with rank 0's, so the task checks them itself, in a
-    training run (fit start) and in an evaluation-only run (test start) alike."""
+    """DDP no longer overwrites rank 1's bases with rank 0's, so the framework checks them itself (its
+    ConstantBuffersCheck callback, which every train.py run has), in a training run (fit start) and in an
+    evaluation-only run (test start) alike."""
+    from randlora.train import _trainer
+    from randlora.training.callbacks import ConstantBuffersCheck
     cfg = compose_cfg(["model=tiny_vit", "adapter=randlora", "optim.lr=1e-3", *FAST], tmp_path)
     dm = build_datamodule(cfg)
     task = build_task(cfg, build_model(cfg.model), dm)
+    framework, _ = _trainer(cfg, task, tmp_path / "run", [], {}, {})
+    assert any(isinstance(cb, ConstantBuffersCheck) for cb in framework.callbacks)
     task.__class__ = _SkewedTask
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=1,
                         limit_test_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[ConstantBuffersCheck()])
     with pytest.raises(Exception, match=r"the random bases differ across DDP ranks \(rank\(s\) \[1\]"):
         getattr(trainer, entry)(task, datamodule=dm)

@@ -116,6 +116,7 @@ def test_heatmap_image(tmp_path, batch):
     assert math.isclose(sum(r for _, r in sched.rank_table()) / len(sched.layers), 4.0)
 
 
+@pytest.mark.integration
 def test_dora_dr_through_the_framework(tmp_path):
     from randlora.train import run
     from tests.helpers import compose_cfg

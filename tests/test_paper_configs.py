@@ -30,6 +30,7 @@ def adapter_count(cfg) -> int:
     return count_trainable(model)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", VISION)
 def test_paper_experiment_composes_for_every_method(name):
     params = sweep_params(name)
@@ -60,6 +61,7 @@ def test_clip_b32_vl_counts_match_paper():
     assert 128 * (6 + 768) == 99072
 
 
+@pytest.mark.integration
 def test_larger_clips_build_and_are_ordered():
     b32 = adapter_count(compose_cfg(["experiment=paper/clip_b32_vl", "adapter=randlora"]))
     l14 = adapter_count(compose_cfg(["experiment=paper/clip_l14_vl", "adapter=paper/randlora10"]))

@@ -124,6 +124,7 @@ def test_refusing_endpoint_counts_as_offline_and_puts_the_libraries_offline(tmp_
     assert time.time() - t0 < 15 and len(_problems(str(e.value))) == 11 and "unreachable" in str(e.value)
 
 
+@pytest.mark.integration
 def test_an_endpoint_that_never_answers_is_bounded(hub, silent_endpoint):
     hub.endpoint(silent_endpoint)
     t0 = time.time()
