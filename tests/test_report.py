@@ -1,4 +1,4 @@
-"""The results report (randlora/report.py) on fake multirun folders laid out as in docs/results-schema.md."""
+"""The results report (randlora/report/) on fake multirun folders laid out as in docs/results-schema.md."""
 import csv
 import json
 import os
@@ -173,7 +173,7 @@ def test_std_over_seeds(tmp_path):
     assert s["mean"] == pytest.approx(0.675)
     single = table[("lora", 1e5, "digits")]
     assert single["n_seeds"] == 1 and single["std"] is None
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "67.50 ± 17.08" in md  # accuracy shown in percent
 
 
@@ -188,11 +188,12 @@ def test_runs_of_other_experiments_are_not_averaged_as_seeds(tmp_path):
                            [job("uniform", 1, 0.5), job("binary", 1, 0.9), job("binary", 2, 0.7, "trainer=ddp"),
                             job("binary", 3, 0.8, "data.num_workers=8", "hydra.job.chdir=false")])
     summary = summarize(collect([folder]))
-    got = {s["method"]: (s["n_seeds"], round(s["mean"], 6), s["variant"]) for s in summary}
+    got = {s["label"]: (s["n_seeds"], round(s["mean"], 6), s["variant"]) for s in summary}
+    assert {s["method"] for s in summary} == {"randlora"}
     assert got == {"randlora [basis=uniform]": (1, 0.5, "basis=uniform"),
                    "randlora [basis=binary]": (3, 0.8, "basis=binary")}
     assert all(not s["duplicate_seeds"] for s in summary)
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "randlora [basis=binary]" in md and "randlora [basis=uniform]" in md
 
 
@@ -206,7 +207,7 @@ def test_metric_is_selectable(sweep):
 
 def test_failed_and_unfinished_jobs_are_listed(sweep, tmp_path):
     out = tmp_path / "out"
-    md = write_report([sweep], out)
+    md = write_report([sweep], out, plots=False)
     assert md == (out / "report.md").read_text()
     section = md.split("## Failed or unfinished jobs", 1)[1]
     lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "Job folder" not in ln]
@@ -227,14 +228,15 @@ def test_unreadable_results_json_is_listed(tmp_path):
     rows = collect([folder])
     bad = next(r for r in rows if r["status"] == "unreadable")
     assert bad["error"].startswith("JSONDecodeError")
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "unreadable" in md.split("## Failed or unfinished jobs", 1)[1]
 
 
 def test_outputs_and_plots_are_valid_png(sweep, tmp_path):
     out = tmp_path / "out"
     write_report([sweep], out)
-    for name in ("report.md", "results.csv", "pivot.csv", "acc_vs_params.png"):
+    for name in ("report.md", "report.tex", "results.csv", "pivot.csv", "comparisons.csv", "acc_vs_params.png",
+                 "acc_vs_params.pdf", "acc_vs_step_time.png", "acc_vs_memory.png"):
         assert (out / name).is_file(), name
     png = (out / "acc_vs_params.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 5000
@@ -281,8 +283,10 @@ def test_two_folders_merge(sweep, second, tmp_path):
     lora_big = next(p for p in prow if p["method"] == "lora" and p["budget"] == 1e6)
     assert lora_big["cifar10"] is None and lora_big["n_datasets"] == 1
 
-    md = write_report([sweep, second], tmp_path / "out")
-    assert "## Method × dataset" in md and "| Average |" in md.replace("Average |", "Average |")
+    md = write_report([sweep, second], tmp_path / "out", plots=False)
+    table = md.split("### tiny_vit, 100%", 1)[1].split("\n\n", 2)[1]  # datasets as rows, methods as columns
+    assert table.splitlines()[0] == "| Dataset | LoRA 100K | LoRA 1M | RandLoRA 100K | RandLoRA 1M |"
+    assert table.splitlines()[-1].startswith("| *Average* | 72.5 | 87.0\\* |")
     with open(tmp_path / "out" / "pivot.csv") as f:
         header = next(csv.reader(f))
     assert header[-4:] == ["cifar10", "digits", "average", "n_datasets"]
@@ -296,7 +300,7 @@ def test_wandb_files_are_not_jobs(sweep):
 
 
 def test_default_out_is_first_folder_report(sweep, second):
-    write_report([sweep, second])
+    write_report([sweep, second], plots=False)
     assert (sweep / "report" / "report.md").is_file()
     assert not (second / "report").exists()
     # the report folder of an earlier run is no job and is not picked up again
@@ -324,7 +328,9 @@ def test_cli_writes_report(sweep, second, tmp_path):
     assert proc.stdout.startswith("# Results report")
     assert "## Failed or unfinished jobs" in proc.stdout and "CUDA out of memory" in proc.stdout
     assert (out / "report.md").read_text().strip() == proc.stdout.strip()
-    assert (out / "acc_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+    # averaged over the two datasets only the 100K budget remains (one x per method): no average panel
+    assert not (out / "acc_vs_params.png").exists()
+    assert (out / "acc_vs_params_per_dataset.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_main_metric_option(sweep, tmp_path, capsys):
