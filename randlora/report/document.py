@@ -105,13 +105,14 @@ def render_markdown(rows: Sequence[dict], summary: Sequence[dict], metric: str, 
     else:
         out += ["No completed job.", ""]
 
-    if comparisons:
+    paired = [c for c in comparisons if c["n"]]
+    if paired:
         out += [f"## Paired comparison with {baseline}", ""]
-        header, body = comparison_table(comparisons, scale, 2)
+        header, body = comparison_table(paired, scale, 2)
         out += [md_table(header, body), ""]
         out += [f"Pairs: each dataset and size where both ran (a size pairs with the baseline's own, else with "
                 f"the baseline's only size on that dataset); the values paired are the means over seeds. W / T / L: "
-                f"the method better / within {comparisons[0]['tie'] * scale:g}{' points' if pct else ''} / worse. "
+                f"the method better / within {paired[0]['tie'] * scale:g}{' points' if pct else ''} / worse. "
                 f"Mean Δ: method − {baseline}, with its {CONFIDENCE:.0%} t-interval. Test: Wilcoxon signed-rank "
                 "for 6 or more pairs, paired t-test for 2-5 (sign test when every difference is equal), none for "
                 "one pair.", ""]
@@ -171,9 +172,9 @@ def _notes(rows, summary, metric, comparisons) -> list[str]:
                          f"seeds (r = {s['r']})")
     shared = {v for s in summary for v in s["variant"].split()} - {v for s in summary for v in s["shown_variant"].split()}
     if shared:
-        notes.append("Every configuration shares the overrides " + ", ".join(f"`{v}`" for v in sorted(shared))
-                     + " (left out of the labels).")
-    for c in comparisons:
+        notes.append("Left out of the labels, as every configuration of its model has them: "
+                     + ", ".join(f"`{v}`" for v in sorted(shared)) + ".")
+    for c in comparisons:  # the unpaired, also of methods with no pair at all
         if c["unpaired"]:
             notes.append(f"{c['label']} / {c['model']} / {regime_label(regime_of(c['regime']))}: "
                          f"{len(c['unpaired'])} configuration(s) with no {c['baseline']} size to pair with "
@@ -252,7 +253,8 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
     datasets, prow = pivot(summary)
     write_csv(out / "pivot.csv", ["model", "shots", "fraction", "label", "method", "r", "budget"] + datasets
               + ["average", "n_datasets"], prow)
-    comparisons = compare_to_baseline(summary, baseline)
+    every = compare_to_baseline(summary, baseline)
+    comparisons = [c for c in every if c["n"]]
     write_csv(out / "comparisons.csv", COMPARISON_COLUMNS,
               [dict(c, shots=c["regime"][1] if c["regime"][0] == 0 else None,
                     fraction=c["regime"][1] if c["regime"][0] == 1 else None, variant=c["shown_variant"])
@@ -271,7 +273,7 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
     figures = write_plots(summary, out, metric) if plots else []
     (out / "report.tex").write_text(render_latex(tables, comparisons, figures, out))
     sources = folders + sorted({r["source"] for r in (rows or [])})
-    md = render_markdown(all_rows, summary, metric, sources, figures, tables, comparisons, baseline)
+    md = render_markdown(all_rows, summary, metric, sources, figures, tables, every, baseline)
     (out / "report.md").write_text(md)
     return md
 

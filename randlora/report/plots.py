@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .keys import display_method, human, method_rank, regime, regime_label, regime_of, setting, setting_label
+from .keys import DISPLAY, display_method, human, method_rank, regime, regime_label, regime_of, setting, setting_label
 from .stats import seed_average
 from .tables import is_fraction_metric
 
@@ -130,9 +130,18 @@ def _legend(fig, axes) -> None:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
+    by_name = {v: k for k, v in DISPLAY.items()}
+
+    def order(lab: str) -> tuple:  # the registry's order, whichever panel drew the method first
+        name = lab.split(" [")[0].split(" (")[0]
+        return method_rank(by_name.get(name, name)), lab
+    labels.sort(key=order)
     if labels:
+        # as many columns as fit the figure's width (about 0.05 in per character at 6.5 pt, 0.45 in of handle)
+        entry = 0.45 + 0.05 * max(len(lab) for lab in labels)
+        ncols = max(1, min(len(labels), 4, int(fig.get_size_inches()[0] / entry)))
         fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
-                   ncols=min(len(labels), 4), frameon=False, handlelength=1.8, columnspacing=1.2)
+                   ncols=ncols, frameon=False, handlelength=1.8, columnspacing=1.2)
 
 
 def panel_title(model: str | None, dataset: str, reg: tuple | None) -> str:

@@ -118,7 +118,7 @@ def summarize(rows: Sequence[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
     """One dict per configuration of the completed rows: ``metric`` over seeds.
 
     Keys: method, variant (the overrides that make it its own experiment), shown_variant (the part of
-    it that differs between the configurations here), label, model, dataset, task, shots, fraction, r,
+    it that differs between the configurations of its model), label, model, dataset, task, shots, fraction, r,
     budget, metric, mean, std, ci_low / ci_high (95 % t-interval; None for one seed), n_seeds (runs
     with the metric), seeds, n_runs, the schema's aggregated columns (trainable, step_time_s,
     peak_memory_mb, lr, budget_deviation ...: the most common value, the mean or the max over seeds,
@@ -128,9 +128,13 @@ def summarize(rows: Sequence[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
     for row in rows:
         if row.get("status") == "completed":
             groups[config_key(row)].append(row)
-    shown = minimal_variants(k[5] for k in groups)
+    by_model: dict[str, list[str]] = defaultdict(list)
+    for k in groups:
+        by_model[k[1]].append(k[5])
+    shown_in = {m: minimal_variants(vs) for m, vs in by_model.items()}  # labels compare within a model
     out = []
     for key, runs in groups.items():
+        shown = shown_in[key[1]]
         values = [(r.get("seed"), r["metrics"][metric]) for r in runs if metric in r.get("metrics", {})]
         mean, std = mean_std([v for _, v in values])
         lo, hi = t_interval([v for _, v in values])
@@ -222,7 +226,7 @@ def _pairing(summary: Sequence[dict], baseline: str) -> dict:
 
 def compare_to_baseline(summary: Sequence[dict], baseline: str = "lora", tie: float | None = None) -> list[dict]:
     """One comparison per (model, regime, method, variant) against ``baseline`` (see the module
-    docstring): the ``compare`` dict plus model, regime, method, shown_variant, label, datasets,
+    docstring; ``n`` = 0 where no configuration of the method could be paired): the ``compare`` dict plus model, regime, method, shown_variant, label, datasets,
     settings, unpaired (configurations without a baseline to pair with) and the pairs
     ``[(dataset, setting label, baseline config, other config), ...]``.
 
@@ -249,9 +253,9 @@ def compare_to_baseline(summary: Sequence[dict], baseline: str = "lora", tie: fl
                     unpaired.append(s)
                     continue
                 pairs.append((ds, setting_label(s), b, s))
-            if not pairs:
-                continue
-            res = compare([(b["mean"], s["mean"]) for _, _, b, s in pairs], tie=t, higher=higher)
+            res = compare([(b["mean"], s["mean"]) for _, _, b, s in pairs], tie=t, higher=higher) if pairs else {
+                "n": 0, "wins": 0, "ties": 0, "losses": 0, "mean_diff": None, "ci_low": None, "ci_high": None,
+                "test": None, "statistic": None, "p": None, "note": "no pair"}
             out.append({"model": model, "regime": reg, "method": method, "shown_variant": shown,
                         "label": label(method, shown), "baseline": baseline, "metric": metric,
                         "datasets": sorted({p[0] for p in pairs}), "settings": sorted({p[1] for p in pairs}),

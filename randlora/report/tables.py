@@ -149,7 +149,7 @@ class Table:
         n = len(self.columns)
         lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{latex_escape(self.title)}}}",
                  f"\\label{{tab:{self.name}}}", "\\small"]
-        wide = n > 6
+        wide = n > 6 or len(self.corner) + sum(len(c) for c in self.columns) > 60
         if wide:
             lines.append("\\resizebox{\\linewidth}{!}{%")
         lines += [f"\\begin{{tabular}}{{l{'r' * n}}}", "\\toprule",
