@@ -102,13 +102,20 @@ def test_log_axis_has_readable_ticks_title_and_legend_outside(budget_sweep):
     assert ax.get_xscale() == "log"
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["5K", "10K", "20K", "50K"]
-    assert ax.get_title() == "tiny_vit · digits · 100%"
+    assert ax.get_title() == "tiny_vit · digits · 100%" and ax.get_ylabel() == "test accuracy (%)"
     assert ax.get_legend() is None and len(fig.legends) == 1
     legend = fig.legends[0].get_window_extent()
     assert legend.y1 <= ax.get_window_extent().y0  # below the panel, not over the data
     texts = [t.get_text() for t in fig.legends[0].get_texts()]
     assert texts == ["FT (5M params)", "LoRA", "VeRA", "RandLoRA"]  # method names only: shared overrides dropped
     assert fig.get_size_inches()[0] == pytest.approx(SINGLE_COLUMN_IN)
+    slow = [dict(s, step_time_s=s["step_time_s"] * 100) for s in summary]  # 1-6 s per step: seconds, not 6K ms
+    for times, unit in ((summary, "ms"), (slow, "s")):
+        fig = metric_vs_figure(times, "step_time_s", "test/acc")
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.get_xlabel() == f"step time ({unit}, median over steps)"
+        assert not any("K" in t.get_text() for t in ax.get_xticklabels())
 
 
 def test_shots_figure_ticks_and_two_column_width(tmp_path):

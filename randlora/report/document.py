@@ -127,8 +127,9 @@ def render_markdown(rows: Sequence[dict], summary: Sequence[dict], metric: str, 
     if plots:
         out += ["## Plots", ""]
         out += [f"![{title}]({name})" for name, title in plots] + [""]
-        out += ["Error bars: the {:.0%} t-interval over seeds (averages over datasets: over the per-seed "
-                "averages). PDF versions next to each PNG.".format(CONFIDENCE), ""]
+        out += ["Error bars: ± one sample standard deviation over seeds (averages over datasets: over the "
+                "per-seed averages); the 95 % intervals are in the tables. Methods at one budget are set apart by "
+                "at most 2 % along the parameter axis. PDF versions next to each PNG.", ""]
 
     out += ["## Failed or unfinished jobs", ""]
     if bad:
@@ -207,7 +208,8 @@ def render_latex(tables: Sequence[Table], comparisons: Sequence[dict], plots: Se
         # one-column figures at their own 3.3 in, wider ones at the text width (capped in height)
         size = "" if png_width_in(out / name) <= 4 else "[width=\\linewidth,height=0.8\\textheight,keepaspectratio]"
         lines += ["\\begin{figure}[t]", "\\centering", f"\\includegraphics{size}{{{pdf}}}",
-                  f"\\caption{{{latex_escape(title)}}}", "\\end{figure}"]
+                  "\\caption{" + latex_escape(f"{title}; error bars: ± one standard deviation over seeds.") + "}",
+                  "\\end{figure}"]
     lines += ["", "\\end{document}"]
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,8 @@
 PNG at 300 dpi and PDF, one legend outside the panels, model / dataset / data regime in each title.
 
 * accuracy vs trainable parameters, vs step time, vs peak memory: one line per method (and variant)
-  through its sizes, error bars the 95 % interval over seeds; a panel per (model, data regime): the
+  through its sizes, error bars +- one standard deviation over seeds (methods at one budget set apart
+  by at most 2 % on the x axis); a panel per (model, data regime): the
   average over datasets (configurations present on every dataset) when there are several, else the
   dataset; the per-dataset panels in a second figure (``*_per_dataset``);
 * accuracy vs training data (k-shot, then fractions of the training set), per model.
@@ -49,14 +50,14 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return best
 
 
-def tick_label(v: float) -> str:
-    """5K, 20K, 1.5M for counts; 0.5, 2, 40 for small numbers."""
-    if abs(v) >= 1000:
+def tick_label(v: float, counts: bool = True) -> str:
+    """5K, 20K, 1.5M for counts (``counts``); 0.5, 2, 40, 2000 otherwise."""
+    if counts and abs(v) >= 1000:
         return human(v).replace(".0K", "K").replace(".0M", "M")
     return f"{v:g}"
 
 
-def set_axis(ax, values: Sequence[float], which: str = "x") -> None:
+def set_axis(ax, values: Sequence[float], which: str = "x", counts: bool = True) -> None:
     """Log scale with readable ticks when the values span 3x or more, else linear with padding."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
@@ -72,7 +73,7 @@ def set_axis(ax, values: Sequence[float], which: str = "x") -> None:
         lo, hi = lo / pad, hi * pad
         lim(lo, hi)
         axis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
-        axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v, counts)))
         axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
         axis.set_minor_formatter(NullFormatter())
     else:
@@ -80,7 +81,7 @@ def set_axis(ax, values: Sequence[float], which: str = "x") -> None:
         mid = (hi + lo) / 2
         span = max(hi - lo, 0.2 * abs(mid)) or 1.0
         lim(mid - 0.62 * span, mid + 0.62 * span)
-        axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v, counts)))
 
 
 # -------------------------------------------------------------------------------------------- figures
@@ -180,8 +181,7 @@ def _averaged(configs: Sequence[dict], n_datasets: int) -> list[dict]:
     for entries in by.values():
         if len(entries) != n_datasets:
             continue
-        mean, lo, hi, _ = seed_average(entries)
-        avg = dict(entries[0], mean=mean, ci_low=lo, ci_high=hi)
+        avg = dict(entries[0], **seed_average(entries))
         for k in ("trainable", "step_time_s", "peak_memory_mb"):
             vals = [e[k] for e in entries if e.get(k) is not None]
             avg[k] = sum(vals) / len(vals) if vals else None
@@ -212,9 +212,25 @@ def _panels(summary: Sequence[dict], x: str, per_dataset: bool) -> list[tuple[tu
     return out
 
 
+def metric_label(metric: str, pct: bool) -> str:
+    """``test/acc`` -> "test accuracy (%)"; other metrics as they are named."""
+    stage, _, name = metric.rpartition("/")
+    words = {"acc": "accuracy", "ll_acc": "log-likelihood accuracy", "loss": "loss"}
+    stage = {"val": "validation"}.get(stage, stage)
+    text = f"{stage} {words[name]}".strip() if name in words else metric
+    return text + (" (%)" if pct else "")
+
+
+def _x_unit(x: str, configs: Sequence[dict]) -> tuple[float, str]:
+    """(scale, axis label) of a column: step times in ms, or in s when a step takes a second or more."""
+    if x == "step_time_s":
+        slow = max((s[x] for s in configs if s.get(x) is not None), default=0) >= 1.0
+        return (1.0, "step time (s, median over steps)") if slow else (1000.0, "step time (ms, median over steps)")
+    return 1.0, XLABEL.get(x, x)
+
+
 XLABEL = {"trainable": "trainable parameters", "step_time_s": "step time (ms, median over steps)",
           "peak_memory_mb": "peak memory (MB)"}
-XSCALE = {"step_time_s": 1000.0}
 
 
 def _informative(x: str, configs: Sequence[dict]) -> bool:
@@ -229,9 +245,16 @@ def _informative(x: str, configs: Sequence[dict]) -> bool:
     return any(len(v) > 1 for v in sizes.values()) or (bool(xs) and max(xs) >= 1.5 * min(xs))
 
 
-def _errors(es: Sequence[dict], scale: float) -> list[list[float]]:
-    return [[(e["mean"] - e["ci_low"]) * scale if e.get("ci_low") is not None else 0.0 for e in es],
-            [(e["ci_high"] - e["mean"]) * scale if e.get("ci_high") is not None else 0.0 for e in es]]
+def _errors(es: Sequence[dict], scale: float) -> list[float]:
+    """+- one standard deviation over seeds (0 for one seed). The 95 % intervals are in the tables: with
+    two or three seeds t(0.975) is 12.7 or 4.3, and such bars hid the curves."""
+    return [(e["std"] or 0.0) * scale for e in es]
+
+
+def _dodge(n: int, i: int) -> float:
+    """The factor that sets the i-th of n methods apart at one x on a log axis (+-2 % at most), so
+    error bars at equal budgets do not cover each other."""
+    return 10 ** (0.009 * (i - (n - 1) / 2)) if n > 1 else 1.0
 
 
 def metric_vs_figure(summary: Sequence[dict], x: str, metric: str, per_dataset: bool = False,
@@ -247,7 +270,7 @@ def metric_vs_figure(summary: Sequence[dict], x: str, metric: str, per_dataset: 
 
     pct = is_fraction_metric(metric, summary)
     scale = 100.0 if pct else 1.0
-    xs = XSCALE.get(x, 1.0)
+    xs, xlabel = _x_unit(x, [c for _, cs in panels for c in cs])
     styles = method_styles(summary)
     with rc_context(STYLE):
         fig, axes = new_figure(len(panels))
@@ -269,16 +292,18 @@ def metric_vs_figure(summary: Sequence[dict], x: str, metric: str, per_dataset: 
                         y = e["mean"] * scale
                         ax.axhline(y, color=color, linestyle=(0, (5, 2)), linewidth=0.9,
                                    label=f"{_line_label(e)} ({human(e['trainable'])} params)")
-                        if e.get("ci_low") is not None:
-                            ax.axhspan(e["ci_low"] * scale, e["ci_high"] * scale, color=color, alpha=0.12, lw=0)
+                        if e.get("std"):
+                            ax.axhspan((e["mean"] - e["std"]) * scale, (e["mean"] + e["std"]) * scale, color=color,
+                                       alpha=0.12, lw=0)
                     continue
                 drawn += es
-                ax.errorbar([e[x] * xs for e in es], [e["mean"] * scale for e in es], yerr=_errors(es, scale),
+                shift = _dodge(len(lines), sorted(lines).index(key)) if x == "trainable" else 1.0
+                ax.errorbar([e[x] * xs * shift for e in es], [e["mean"] * scale for e in es], yerr=_errors(es, scale),
                             marker=MARKERS[variants[key[0]].index(key[1]) % len(MARKERS)], label=_line_label(first),
                             color=color, linestyle=style)
-            set_axis(ax, [e[x] * xs for e in drawn or configs], "x")
-            ax.set_xlabel(XLABEL.get(x, x))
-            ax.set_ylabel(f"{metric}" + (" (%)" if pct else ""))
+            set_axis(ax, [e[x] * xs for e in drawn or configs], "x", counts=x == "trainable")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric_label(metric, pct))
             ax.grid(True, which="major", alpha=0.35)
         set_titles(fig, axes, [k for k, _ in panels])
         _legend(fig, axes)
@@ -341,7 +366,7 @@ def metric_vs_data_figure(summary: Sequence[dict], metric: str, per_dataset: boo
             ax.set_xticklabels([f"{v:g}" if kind == 0 else f"{v * 100:g}%" for kind, v in regs])
             ax.set_xlim(-0.3, len(regs) - 0.7)
             ax.set_xlabel("shots per class, or % of the data")
-            ax.set_ylabel(f"{metric}" + (" (%)" if pct else ""))
+            ax.set_ylabel(metric_label(metric, pct))
             ax.grid(True, alpha=0.35)
         set_titles(fig, axes, [k for k, _ in panels])
         _legend(fig, axes)

@@ -187,18 +187,20 @@ def pivot(summary: Sequence[dict]) -> tuple[list[str], list[dict]]:
     return datasets, out
 
 
-def seed_average(entries: Sequence[dict]) -> tuple[float | None, float | None, float | None, int]:
+def seed_average(entries: Sequence[dict]) -> dict:
     """Average over datasets, spread over seeds: per-seed averages over the entries' datasets (the
-    seeds every entry has), then their mean and 95 % interval; the mean of means (no interval) when
-    no seed is common. Returns (mean, ci_low, ci_high, seeds)."""
+    seeds every entry has), then their mean, std and 95 % interval; the mean of means (no spread) when
+    no seed is common. Returns {"mean", "std", "ci_low", "ci_high", "n_seeds"}."""
     per_seed = [dict((str(s), v) for s, v in e["values"]) for e in entries]
     shared = set(per_seed[0]).intersection(*per_seed[1:]) if per_seed else set()
     if shared:
         avgs = [float(np.mean([d[s] for d in per_seed])) for s in sorted(shared)]
+        mean, std = mean_std(avgs)
         lo, hi = t_interval(avgs)
-        return float(np.mean(avgs)), lo, hi, len(avgs)
+        return {"mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "n_seeds": len(avgs)}
     means = [e["mean"] for e in entries if e["mean"] is not None]
-    return (float(np.mean(means)) if means else None), None, None, 0
+    return {"mean": float(np.mean(means)) if means else None, "std": None, "ci_low": None, "ci_high": None,
+            "n_seeds": 0}
 
 
 def _pairing(summary: Sequence[dict], baseline: str) -> dict:
