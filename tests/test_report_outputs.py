@@ -10,7 +10,7 @@ import pytest
 
 from randlora.report import collect, summarize, write_report
 from randlora.report.plots import DOUBLE_COLUMN_IN, DPI, SINGLE_COLUMN_IN, log_ticks, metric_vs_data_figure, metric_vs_figure
-from tests.test_report import make_multirun, results
+from tests.report_jobs import make_multirun, results
 
 TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
 

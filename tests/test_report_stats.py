@@ -9,7 +9,7 @@ from scipy import stats
 
 from randlora.report import collect, compare, compare_to_baseline, paired_test, summarize, t_interval, write_report
 from randlora.report.keys import minimal_variants
-from tests.test_report import make_multirun, results
+from tests.report_jobs import make_multirun, results
 
 
 def test_t_interval_matches_scipy():
