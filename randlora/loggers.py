@@ -16,6 +16,18 @@ W&B can neither fail a run nor hold it up for long, whatever the mode, API key o
 
 Worst case before training starts: about probe_timeout + init_timeout + 10 s (wandb's own grace period),
 only when a server answers the probe and then stalls the run's creation; 0-3 s in the usual offline cases.
+
+What a W&B run holds, so a dashboard answers the paper's questions (``wandb_init_config``,
+``define_metrics``, ``publish_results``):
+
+* grouped by sweep (``group``, else the multirun folder) and tagged ``method:``, ``budget:``, ``data:``,
+  ``shots:``, ``fraction:``, ``model:``, ``seed:``, ``r:``; the name says method, budget or rank, shots;
+* the config flattened to dot keys (``adapter.r``, ``optim.lr``, ``data.shots``) plus the results.json
+  identifying fields (``method``, ``budget``, ``dataset`` ...) and, once the job completes, ``params.trainable``,
+  ``params.adapter``, ``provenance.lr``, ``budget_match.deviation``: W&B's parallel-coordinates and scatter
+  panels plot them against the metrics;
+* the summary sorts: ``val/acc`` keeps its max and last, ``val/loss`` its min and last, and the job's
+  results go in as ``params/*``, ``perf/*`` (``perf/step_time_s``, ``perf/peak_memory_mb``), ``status``.
 """
 from __future__ import annotations
 
@@ -171,6 +183,56 @@ def init_wandb(mode: str, init: dict, timeouts: dict) -> tuple[object | None, st
     return None, why
 
 
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def wandb_init_config(cfg) -> dict:
+    """The W&B config of a job at its start: the resolved config flattened to dot keys (``adapter.r``,
+    ``optim.lr``), then the results.json identifying fields (``method``, ``dataset``, ``budget`` ...)."""
+    from .results import summary_fields
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - a Hydra-runtime interpolation outside a Hydra job
+        resolved = OmegaConf.to_container(cfg, resolve=False)
+    return {**_flatten(resolved), **summary_fields(cfg)}
+
+
+# metrics whose W&B summary keeps the best value next to the last (for sorting the runs table)
+SUMMARY_AGGREGATES = {"val/acc": "max,last", "val/ll_acc": "max,last", "val/loss": "min,last"}
+
+
+def define_metrics(run) -> None:
+    """Lightning's x-axis (``trainer/global_step``: it defines it only for a run it starts itself) and the
+    summary aggregates of ``SUMMARY_AGGREGATES``."""
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    for name, summary in SUMMARY_AGGREGATES.items():
+        run.define_metric(name, summary=summary)
+
+
+def wandb_run_name(cfg, run_name: str, r=None) -> str:
+    """The W&B run name: ``run_name`` plus what tells apart the jobs of one sweep that share it (budget or
+    rank, shots or fraction)."""
+    parts = [run_name]
+    if cfg.adapter.get("budget") is not None:
+        parts.append(f"b{float(cfg.adapter.budget):g}")
+    elif r is not None and cfg.adapter.get("method") != "full":
+        parts.append(f"r{r}")
+    if cfg.data.get("shots"):
+        parts.append(f"k{cfg.data.shots}")
+    elif cfg.data.get("fraction", 1.0) not in (None, 1, 1.0):
+        parts.append(f"f{float(cfg.data.fraction):g}")
+    return "-".join(parts)
+
+
 def run_tags(cfg, r=None) -> list[str]:
     """W&B tags of a job: the user's tags plus method / rank / budget / data / model / seed."""
     tags = [str(t) for t in (cfg.get("tags") or [])]
@@ -182,6 +244,8 @@ def run_tags(cfg, r=None) -> list[str]:
         tags.append(f"budget:{float(cfg.adapter.budget):g}")
     if cfg.data.get("shots"):
         tags.append(f"shots:{cfg.data.shots}")
+    if cfg.data.get("fraction", 1.0) not in (None, 1, 1.0):
+        tags.append(f"fraction:{float(cfg.data.fraction):g}")
     return tags
 
 
@@ -201,6 +265,25 @@ def default_group(cfg) -> str | None:
     except Exception:
         pass
     return None
+
+
+_FLAT_LOGGER = None
+
+
+def flat_wandb_logger():
+    """Lightning's WandbLogger whose ``log_hyperparams`` flattens nested values to dot keys, like the
+    run's config (``{"adapter": {"r": 4}}`` became a nested ``adapter`` next to ``adapter.r``)."""
+    global _FLAT_LOGGER
+    if _FLAT_LOGGER is None:
+        from lightning.fabric.utilities.logger import _convert_params
+        from lightning.pytorch.loggers import WandbLogger
+
+        class FlatWandbLogger(WandbLogger):
+            def log_hyperparams(self, params) -> None:
+                super().log_hyperparams(_flatten(_convert_params(params)))
+
+        _FLAT_LOGGER = FlatWandbLogger
+    return _FLAT_LOGGER
 
 
 def _is_rank_zero() -> bool:
@@ -224,9 +307,9 @@ def build_loggers(cfg, out_dir: str, run_name: str, r=None):
             _note(bad_env)
         mode, why = resolve_wandb_mode(w.pop("mode", "auto") or "auto", float(w.get("probe_timeout") or 3))
         if mode != "disabled":
-            init = dict(name=run_name, dir=out_dir, project=w.get("project"), entity=w.get("entity"),
-                        group=w.get("group") or default_group(cfg),
-                        tags=sorted(set(list(w.get("tags") or []) + run_tags(cfg, r))))
+            init = dict(name=wandb_run_name(cfg, run_name, r), dir=out_dir, project=w.get("project"),
+                        entity=w.get("entity"), group=w.get("group") or default_group(cfg),
+                        tags=sorted(set(list(w.get("tags") or []) + run_tags(cfg, r))), config=wandb_init_config(cfg))
             os.makedirs(out_dir, exist_ok=True)
             if not _is_rank_zero():  # other ranks log nothing (WandbLogger gives them a dummy run)
                 loggers.append(WandbLogger(save_dir=out_dir, project=init["project"], offline=mode == "offline"))
@@ -234,6 +317,11 @@ def build_loggers(cfg, out_dir: str, run_name: str, r=None):
             if why:
                 _note(f"W&B: logging offline because {why}")
             run, failed = init_wandb(mode, init, w)
+            if run is not None:
+                try:
+                    define_metrics(run)
+                except Exception as e:  # noqa: BLE001 - the dashboard's sorting must never fail a run
+                    _note(f"W&B: define_metric failed ({type(e).__name__}: {e}); summaries keep the last values")
             if run is None:
                 notes.append(f"W&B: not logged ({failed}); the metrics are in {out_dir}/csv")
             else:
@@ -242,9 +330,66 @@ def build_loggers(cfg, out_dir: str, run_name: str, r=None):
                 if offline and why:
                     notes.append(f"W&B: logging offline because {why}; sync later with "
                                  f"`wandb sync {out_dir}/wandb/offline-run-*`")
-                loggers.append(WandbLogger(experiment=run, save_dir=out_dir, project=init["project"],
-                                           offline=offline))
+                loggers.append(flat_wandb_logger()(experiment=run, save_dir=out_dir, project=init["project"],
+                                                   offline=offline))
     return loggers, notes
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def results_config(record: dict) -> dict:
+    """The W&B config keys of a results.json record: its identifying fields, ``params.*``, the learning
+    rate it trained with (``provenance.lr``) and the budget match (``budget_match.achieved`` / ``deviation``)."""
+    from .results import IDENTIFYING
+    out = {k: record.get(k) for k in IDENTIFYING}
+    out.update({f"params.{k}": v for k, v in (record.get("params") or {}).items() if _scalar(v)})
+    lr = (record.get("provenance") or {}).get("lr")
+    if lr is not None:
+        out["provenance.lr"] = lr
+    match = record.get("budget_match") or {}
+    out.update({f"budget_match.{k}": match[k] for k in ("achieved", "deviation") if k in match})
+    return out
+
+
+def results_summary(record: dict, logged=()) -> dict:
+    """The W&B summary keys of a results.json record: ``status`` (and ``error``), ``params/*``, the scalar
+    ``perf/*`` and the metrics not already in the summary (``logged``: those the trainer logged keep the
+    summary W&B made of them, e.g. val/acc's max and last)."""
+    out = {"status": record.get("status")}
+    if record.get("error"):
+        out["error"] = record["error"]
+    out.update({f"params/{k}": v for k, v in (record.get("params") or {}).items() if _scalar(v) and v is not None})
+    out.update({f"perf/{k}": v for k, v in (record.get("perf") or {}).items() if _scalar(v) and v is not None})
+    logged = set(logged)
+    out.update({k: v for k, v in (record.get("metrics") or {}).items() if k not in logged})
+    match = record.get("budget_match") or {}
+    if "deviation" in match:
+        out["budget_match/deviation"] = match["deviation"]
+    return out
+
+
+def publish_results(loggers, record: dict) -> None:
+    """Put a job's results.json ``record`` into its W&B run (config: ``results_config``; summary:
+    ``results_summary``), so the runs table sorts by accuracy and the panels plot it against trainable
+    parameters and step time. Loggers that are not W&B, and the placeholder run of DDP ranks other than
+    0, are skipped. Call after the record is final; a failure here is the caller's to report (a
+    finished job stays finished)."""
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger):
+            continue
+        run = lg.experiment
+        if isinstance(run, DummyExperiment):
+            continue
+        run.config.update(results_config(record), allow_val_change=True)
+        try:
+            logged = list(run.summary.keys())
+        except Exception:  # noqa: BLE001 - a summary that cannot list its keys: write every metric
+            logged = []
+        run.summary.update(results_summary(record, logged))
 
 
 def finish_wandb():

@@ -1,6 +1,5 @@
-"""The results report (randlora/report.py) on fake multirun folders laid out as in docs/results-schema.md."""
+"""The results report (randlora/report/) on fake multirun folders laid out as in docs/results-schema.md."""
 import csv
-import json
 import os
 import statistics
 import subprocess
@@ -11,82 +10,10 @@ import pytest
 
 from randlora import report
 from randlora.report import ReportError, collect, summarize, write_report
+from tests.report_jobs import ACC, HEAD, SIZES, make_multirun, results
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HEAD = 650  # classifier head parameters, trained by every method
-
-# (method, budget) -> (rank used, adapter params)
-SIZES = {
-    ("lora", 1e5): (4, 98_304),
-    ("lora", 1e6): (40, 983_040),
-    ("randlora", 1e5): (6, 99_120),
-    ("randlora", 1e6): (64, 1_001_472),
-}
-# accuracies over seeds 1, 2, 3
-ACC = {
-    ("lora", 1e5): [0.80, 0.82, 0.87],
-    ("lora", 1e6): [0.85, 0.86, 0.90],
-    ("randlora", 1e5): [0.83, 0.84, 0.88],
-    ("randlora", 1e6): [0.89, 0.91, 0.92],
-}
-
-
-def results(method="lora", budget=1e5, seed=1, acc=0.8, dataset="digits", model="tiny_vit", shots=None,
-            fraction=1.0, status="completed", error=None, run_dir="/abs/run", r=None, adapter=None, **extra):
-    if (method, budget) in SIZES:
-        r_used, n_adapter = SIZES[(method, budget)]
-    else:
-        r_used, n_adapter = 8, 50_000
-    r = r_used if r is None else r
-    adapter = n_adapter if adapter is None else adapter
-    total = 5_000_000 + adapter
-    trainable = adapter + HEAD
-    overrides = [f"adapter={method}", f"seed={seed}", f"data={dataset}"]
-    if budget is not None:
-        overrides.insert(1, f"adapter.budget={budget:g}")
-    if shots is not None:
-        overrides.append(f"data.shots={shots}")
-    d = {
-        "status": status, "error": error, "method": method, "model": model, "dataset": dataset,
-        "task": "classification", "seed": seed, "r": r, "budget": budget, "shots": shots,
-        "fraction": fraction, "sweep": "budget_sweep",
-        "params": {"trainable": trainable, "total": total, "ratio": trainable / total,
-                   "adapter": adapter, "lora_equivalent_rank": adapter / (2 * 768 * 16)},
-        "metrics": {} if status != "completed" else {"test/acc": acc, "val/acc": acc + 0.01,
-                                                     "train/loss": 1 - acc},
-        "perf": {"step_time_s": 0.012 + 0.001 * seed, "samples_per_s": 2650.0,
-                 "peak_memory_mb": 500.0 + seed},
-        "run_dir": run_dir, "overrides": overrides,
-        "config": {"adapter": {"name": method, "budget": budget}, "seed": seed, "data": {"name": dataset}},
-    }
-    d.update(extra)
-    return d
-
-
-def make_job(job_dir: Path, data=None):
-    """A Hydra job folder: .hydra/ always, results.json when ``data`` is given."""
-    hydra = job_dir / ".hydra"
-    hydra.mkdir(parents=True)
-    overrides = (data or {}).get("overrides") or ["adapter=lora", "seed=9"]
-    (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (hydra / "config.yaml").write_text("seed: 1\n")
-    (hydra / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    if data is not None:
-        data = dict(data, run_dir=str(job_dir.resolve()))
-        (job_dir / "results.json").write_text(json.dumps(data, indent=2))
-    return job_dir
-
-
-def make_multirun(root: Path, stamp: str, jobs):
-    folder = root / "logs" / "multiruns" / stamp
-    folder.mkdir(parents=True)
-    (folder / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    for i, data in enumerate(jobs):
-        make_job(folder / str(i), data)
-    return folder
-
-
 @pytest.fixture
 def sweep(tmp_path):
     """2 methods x 2 budgets x 3 seeds, plus a failed, an unfinished and a still-running job."""
@@ -173,7 +100,7 @@ def test_std_over_seeds(tmp_path):
     assert s["mean"] == pytest.approx(0.675)
     single = table[("lora", 1e5, "digits")]
     assert single["n_seeds"] == 1 and single["std"] is None
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "67.50 ± 17.08" in md  # accuracy shown in percent
 
 
@@ -188,11 +115,12 @@ def test_runs_of_other_experiments_are_not_averaged_as_seeds(tmp_path):
                            [job("uniform", 1, 0.5), job("binary", 1, 0.9), job("binary", 2, 0.7, "trainer=ddp"),
                             job("binary", 3, 0.8, "data.num_workers=8", "hydra.job.chdir=false")])
     summary = summarize(collect([folder]))
-    got = {s["method"]: (s["n_seeds"], round(s["mean"], 6), s["variant"]) for s in summary}
+    got = {s["label"]: (s["n_seeds"], round(s["mean"], 6), s["variant"]) for s in summary}
+    assert {s["method"] for s in summary} == {"randlora"}
     assert got == {"randlora [basis=uniform]": (1, 0.5, "basis=uniform"),
                    "randlora [basis=binary]": (3, 0.8, "basis=binary")}
     assert all(not s["duplicate_seeds"] for s in summary)
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "randlora [basis=binary]" in md and "randlora [basis=uniform]" in md
 
 
@@ -206,7 +134,7 @@ def test_metric_is_selectable(sweep):
 
 def test_failed_and_unfinished_jobs_are_listed(sweep, tmp_path):
     out = tmp_path / "out"
-    md = write_report([sweep], out)
+    md = write_report([sweep], out, plots=False)
     assert md == (out / "report.md").read_text()
     section = md.split("## Failed or unfinished jobs", 1)[1]
     lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "Job folder" not in ln]
@@ -227,14 +155,15 @@ def test_unreadable_results_json_is_listed(tmp_path):
     rows = collect([folder])
     bad = next(r for r in rows if r["status"] == "unreadable")
     assert bad["error"].startswith("JSONDecodeError")
-    md = write_report([folder], tmp_path / "out")
+    md = write_report([folder], tmp_path / "out", plots=False)
     assert "unreadable" in md.split("## Failed or unfinished jobs", 1)[1]
 
 
 def test_outputs_and_plots_are_valid_png(sweep, tmp_path):
     out = tmp_path / "out"
     write_report([sweep], out)
-    for name in ("report.md", "results.csv", "pivot.csv", "acc_vs_params.png"):
+    for name in ("report.md", "report.tex", "results.csv", "pivot.csv", "comparisons.csv", "acc_vs_params.png",
+                 "acc_vs_params.pdf", "acc_vs_step_time.png", "acc_vs_memory.png"):
         assert (out / name).is_file(), name
     png = (out / "acc_vs_params.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 5000
@@ -281,8 +210,10 @@ def test_two_folders_merge(sweep, second, tmp_path):
     lora_big = next(p for p in prow if p["method"] == "lora" and p["budget"] == 1e6)
     assert lora_big["cifar10"] is None and lora_big["n_datasets"] == 1
 
-    md = write_report([sweep, second], tmp_path / "out")
-    assert "## Method × dataset" in md and "| Average |" in md.replace("Average |", "Average |")
+    md = write_report([sweep, second], tmp_path / "out", plots=False)
+    table = md.split("### tiny_vit, 100%", 1)[1].split("\n\n", 2)[1]  # datasets as rows, methods as columns
+    assert table.splitlines()[0] == "| Dataset | LoRA 100K | LoRA 1M | RandLoRA 100K | RandLoRA 1M |"
+    assert table.splitlines()[-1].startswith("| *Average* | 72.5 | 87.0\\* |")
     with open(tmp_path / "out" / "pivot.csv") as f:
         header = next(csv.reader(f))
     assert header[-4:] == ["cifar10", "digits", "average", "n_datasets"]
@@ -296,7 +227,7 @@ def test_wandb_files_are_not_jobs(sweep):
 
 
 def test_default_out_is_first_folder_report(sweep, second):
-    write_report([sweep, second])
+    write_report([sweep, second], plots=False)
     assert (sweep / "report" / "report.md").is_file()
     assert not (second / "report").exists()
     # the report folder of an earlier run is no job and is not picked up again
@@ -324,7 +255,9 @@ def test_cli_writes_report(sweep, second, tmp_path):
     assert proc.stdout.startswith("# Results report")
     assert "## Failed or unfinished jobs" in proc.stdout and "CUDA out of memory" in proc.stdout
     assert (out / "report.md").read_text().strip() == proc.stdout.strip()
-    assert (out / "acc_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+    # averaged over the two datasets only the 100K budget remains (one x per method): no average panel
+    assert not (out / "acc_vs_params.png").exists()
+    assert (out / "acc_vs_params_per_dataset.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_main_metric_option(sweep, tmp_path, capsys):

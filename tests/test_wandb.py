@@ -96,7 +96,8 @@ def _build(tmp_path, *overrides):
     for lg in loggers:
         lg.log_metrics({"train/loss": 1.0}, step=0)
     elapsed = time.monotonic() - t0
-    wandb = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    from lightning.pytorch.loggers import WandbLogger
+    wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
     return out, loggers, wandb, notes, elapsed
 
 
@@ -197,3 +198,149 @@ def test_ddp_run_logs_one_wandb_run_without_warnings(tmp_path):
     assert "W&B summary failed" not in out.stderr and "Traceback" not in out.stderr
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     assert results(tmp_path)["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What an offline run holds: parsed from wandb's own transaction log (run-<id>.wandb), not mocked. wandb 0.31
+# writes nothing else offline (no files/config.yaml or wandb-summary.json; its Python datastore reader is gone):
+# the file is LevelDB's log format (32 KiB blocks of CRC32 / length / type-framed chunks) holding wandb's
+# protobuf ``Record`` messages, decoded with wandb's own ``wandb_internal_pb2``.
+
+def wandb_records(path):
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]  # wandb's header: magic, 0xBEE1, version
+    block, pos, buf = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (2, 3):  # first / middle chunk of a record spanning blocks
+            buf = chunk if kind == 2 else buf + chunk
+            continue
+        whole, buf = (chunk if kind == 1 else buf + chunk), b""
+        record = pb.Record()
+        record.ParseFromString(whole)
+        yield record
+
+
+class OfflineRun:
+    """The run as the W&B API would show it: run record, config and summary folded in order, metric
+    definitions, history rows."""
+
+    def __init__(self, run_dir):
+        import json
+        files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files
+        self.config, self.summary, self.metrics, self.history, self.summaries = {}, {}, {}, [], []
+        for r in wandb_records(files[0]):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                self.group, self.tags, self.name = r.run.run_group, set(r.run.tags), r.run.display_name
+                self.config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            elif kind == "config":
+                self.config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+            elif kind == "summary":
+                upd = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update}
+                self.summaries.append(upd)
+                self.summary.update(upd)
+            elif kind == "metric":
+                self.metrics[r.metric.name or r.metric.glob_name] = r.metric
+            elif kind == "history":
+                self.history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+
+
+@pytest.fixture
+def offline_wandb(wandb_env):
+    wandb_env.setenv("WANDB_MODE", "offline")
+    return wandb_env
+
+
+def test_publish_results_sets_sortable_summary_and_plottable_config(tmp_path, offline_wandb):
+    """publish_results puts a results.json record into the run: the identifying fields, trainable
+    parameters, learning rate and budget deviation as config (W&B's scatter and parallel-coordinates
+    panels plot config against summary), params/ and perf/ as summary; val/acc keeps the max and last W&B
+    made of its history; and the report reads it all back."""
+    from randlora.loggers import build_loggers, finish_wandb, publish_results
+    from randlora.report import wandb_run_to_row
+    from randlora.results import check, new_record, provenance
+    cfg = compose_cfg(["logger=wandb", "model=tiny_vit", "adapter=lora", "adapter.budget=5000", "data.shots=4",
+                       "group=budget_sweep"])
+    loggers, _ = build_loggers(cfg, str(tmp_path), "lora-tiny_vit-digits-s42", r=1)
+    (wb,) = [lg for lg in loggers if type(lg).__name__ == "FlatWandbLogger"]
+    for step, acc in enumerate((0.5, 0.7, 0.6)):
+        wb.log_metrics({"val/acc": acc, "val/loss": 2.0 - acc}, step=step)
+    wb.log_metrics({"test/acc": 0.65}, step=3)
+    record = new_record(cfg, run_dir=tmp_path, overrides=["adapter=lora"], config={"optim": {"lr": 0.01}})
+    record.update(status="completed", r=1, params={"trainable": 5706, "total": 213130, "ratio": 0.0268,
+                                                   "adapter": 5056, "lora_equivalent_rank": 1.41},
+                  metrics={"val/acc": 0.6, "val/loss": 1.4, "test/acc": 0.65},
+                  perf={"step_time_s": 0.012, "samples_per_s": 2650.0, "peak_memory_mb": 512.0, "train_time_s": 3.0},
+                  provenance=provenance({"optim": {"lr": 0.01}}, {"optim": {"lr": None}}),
+                  budget_match={"budget": 5000.0, "achieved": 5056, "deviation": 0.0112, "tolerance": 0.02,
+                                "knob": "r", "rank_counts": {"1": 12}, "ranks": {"blocks.0.attn.qkv": 1},
+                                "warnings": []})
+    assert check(record, missing_ok=("compile", "data", "identity", "attempts", "bases_checksum")) == []
+    publish_results(loggers, record)
+    finish_wandb()
+
+    run = OfflineRun(tmp_path)
+    assert run.config["method"] == "lora" and run.config["budget"] == 5000 and run.config["shots"] == 4
+    assert run.config["params.trainable"] == 5706 and run.config["params.adapter"] == 5056
+    assert run.config["provenance.lr"] == 0.01 and run.config["budget_match.deviation"] == 0.0112
+    assert run.summary["status"] == "completed" and run.summary["params/trainable"] == 5706
+    assert run.summary["perf/step_time_s"] == 0.012 and run.summary["perf/peak_memory_mb"] == 512.0
+    assert run.summary["val/acc"] == {"max": 0.7, "last": 0.6}  # sortable by its best, not overwritten
+    assert run.summary["val/loss"] == {"min": 1.3, "last": 1.4} and run.summary["test/acc"] == 0.65
+    assert run.summary["budget_match/deviation"] == 0.0112
+
+    class ApiRun:  # what wandb.Api().runs() returns, filled from the offline file
+        summary, config, state, group = run.summary, run.config, "finished", run.group
+        url = "https://wandb.ai/e/p/runs/x"
+    row = wandb_run_to_row(ApiRun())
+    assert (row["method"], row["budget"], row["shots"], row["r"], row["sweep"]) == ("lora", 5000, 4, 1, "budget_sweep")
+    assert row["trainable"] == 5706 and row["step_time_s"] == 0.012 and row["lr"] == 0.01
+    assert row["budget_deviation"] == 0.0112 and row["status"] == "completed"
+    assert row["metrics"] == {"val/acc": 0.6, "val/loss": 1.4, "test/acc": 0.65}
+
+
+@pytest.mark.slow
+def test_training_job_run_is_grouped_tagged_flat_and_sortable(tmp_path, offline_wandb):
+    """A real job (tiny ViT, a few steps) with logger=wandb offline: the run is grouped by its sweep, tagged
+    by method, budget, dataset and shots, named apart from the sweep's other jobs; its config is flat (dot
+    keys, the learning rate as trained); val/acc / val/loss keep their best; the parameter counts and the
+    step time reach the summary; and results.json follows the schema."""
+    from randlora.results import check
+    from randlora.train import run as train
+    from tests.helpers import FAST, results
+    cfg = compose_cfg(["model=tiny_vit", "adapter=lora", "adapter.budget=5000", "data.shots=8", "group=mysweep",
+                       "logger=wandb", *FAST], tmp_path)
+    train(cfg)
+    rec = results(tmp_path)
+    assert rec["status"] == "completed"
+    # provenance: written once train.py calls randlora.results.provenance (the restructure's wiring)
+    assert check(rec, missing_ok=("provenance",)) == []
+
+    run = OfflineRun(tmp_path)
+    assert run.group == "mysweep"
+    assert {"method:lora", "budget:5000", "data:digits", "shots:8", "model:tiny_vit", "r:1"} <= run.tags
+    assert run.name.endswith("-b5000-k8")
+    objects = sorted(k for k, v in run.config.items() if isinstance(v, dict) and v and k != "_wandb")
+    assert objects == [], f"nested config values: {objects}"
+    assert run.config["optim.lr"] == 0.01 and run.config["data.shots"] == 8 and run.config["adapter.method"] == "lora"
+    assert run.config["method"] == "lora" and run.config["dataset"] == "digits" and run.config["budget"] == 5000
+    assert str(run.metrics["val/acc"].summary).split() == ["max:", "true", "last:", "true"]
+    assert str(run.metrics["val/loss"].summary).split() == ["min:", "true", "last:", "true"]
+    assert run.metrics["*"].step_metric == "trainer/global_step"
+    assert any(isinstance(u.get("val/acc"), dict) and "max" in u["val/acc"] for u in run.summaries)
+    assert run.summary["params/trainable"] == rec["params"]["trainable"]
+    assert run.summary["perf/step_time_s"] == pytest.approx(rec["perf"]["step_time_s"], rel=1e-6)
+    assert all("trainer/global_step" in row for row in run.history)
