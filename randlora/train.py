@@ -61,21 +61,21 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from .loggers import build_loggers, finish_wandb
+    from .training.loggers import build_loggers, finish_wandb, publish_results
     from .models import build_model
     from .training import folder as rf
     from .training import resume
     from .training.build import ParameterCounts, adapt, build_datamodule, build_task, compile_task
     from .training.checkpoints import check_checkpoint, load_trained_tensors
-    from .training.config import resolve, validate_config
+    from .results import new_record, provenance, summary_fields
+    from .training.config import resolve, validate_config, world_size
     from .training.preflight import check_sources
 
     out = resume.output_dir(cfg)
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     results_path = out / "results.json"
     command = _overrides()
-    results = {"status": "running", "error": None, **_summary_fields(cfg), "params": {}, "metrics": {},
-               "perf": {}, "run_dir": str(out), "overrides": command, "config": rf.config_record(cfg)}
+    results = new_record(cfg, run_dir=out, overrides=command, config=rf.config_record(cfg))
     attempt = {"started": rf.now(), "ended": None, "status": "running", "error": None, "pid": os.getpid(),
                "host": rf.hostname(), "command_overrides": command, "resumed_from": None}
     # resume=<run folder> continues an earlier run in its own folder: until this attempt has passed its
@@ -89,8 +89,9 @@ def run(cfg: DictConfig) -> dict:
         start = resume.plan(cfg, command)  # a checkpoint is read weights-only and verified here
         if start.state is not None:
             validate_config(start.cfg)  # a resume's recorded settings
+        composed = rf.config_record(start.cfg)
         cfg = resolve(start.cfg)  # every default made explicit: what is recorded is what trains
-        results.update(_summary_fields(cfg), overrides=start.overrides, config=rf.config_record(cfg))
+        results.update(summary_fields(cfg), overrides=start.overrides, config=rf.config_record(cfg))
         attempt["resumed_from"] = start.resumed_from
         check_sources(cfg)  # every unreadable source of the job in one message, before any download
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -113,14 +114,17 @@ def run(cfg: DictConfig) -> dict:
         start.state = None
         results["compile"] = compile_task(cfg, task, verbose=rank0)
 
-        match = adapter.get("budget_match")
+        match = adapter["budget_match"]
         if match and rank0:  # the achieved count and the rank mix, and what a degenerate match compares
-            print(f"[randlora] budget: {match['summary']}", flush=True)
+            print(f"[randlora] budget: {adapter['budget_summary']}", flush=True)
             for w in match["warnings"]:
                 print(f"[randlora] budget warning: {w}", file=sys.stderr, flush=True)
-        results.update(r=adapter["r"], adapter=adapter, params=counts.summary(), identity=identity,
+        results.update(r=adapter["r"], params=counts.summary(), identity=identity,
                        data=data.sampling_summary() if hasattr(data, "sampling_summary") else {},
-                       attempts=rf.attempts_before(rf.read_results(results_path) if continuing else None) + [attempt])
+                       attempts=rf.attempts_before(rf.read_results(results_path) if continuing else None) + [attempt],
+                       provenance=provenance(results["config"], composed, devices=world_size(cfg.trainer)))
+        if match:
+            results["budget_match"] = match
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         # reporting comes after the completed results.json: a W&B or printing problem here is
         # reported, and never turns a finished job into a failed one
-        reports = [("W&B summary", _to_wandb, (loggers, results))]
+        reports = [("W&B summary", publish_results, (loggers, results))]
         if rank0:
             reports.append(("summary", _print_summary, (results, notes)))
         for what, report, args in reports:
@@ -231,12 +235,6 @@ def _trainer(cfg, task, out: Path, loggers, run_record: dict, compiled: dict):
     return trainer, perf
 
 
-def _summary_fields(cfg) -> dict:
-    return {"method": cfg.adapter.method, "model": cfg.model.name, "dataset": cfg.data.name, "task": cfg.task.kind,
-            "seed": int(cfg.seed), "r": cfg.adapter.get("r"), "budget": cfg.adapter.get("budget"),
-            "shots": cfg.data.get("shots"), "fraction": cfg.data.get("fraction", 1.0), "sweep": cfg.get("group")}
-
-
 def _run_name(cfg) -> str:
     return f"{cfg.adapter.method}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
 
@@ -250,24 +248,6 @@ def _finite_check(metrics: dict) -> dict:
     return metrics
 
 
-RUN_FIELDS = ("status", "method", "model", "dataset", "task", "seed", "r", "budget", "shots", "fraction", "sweep")
-
-
-def _to_wandb(loggers, results: dict) -> None:
-    """Put the results.json fields into the W&B run (config + summary) so reports can pull them."""
-    from lightning.pytorch.loggers import WandbLogger
-    from lightning.pytorch.loggers.logger import DummyExperiment
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            run = lg.experiment
-            if isinstance(run, DummyExperiment):  # DDP ranks other than 0 have no W&B run
-                continue
-            run.config.update({k: results.get(k) for k in RUN_FIELDS if k != "status"}, allow_val_change=True)
-            summary = {"status": results["status"], **{f"params/{k}": v for k, v in results["params"].items()},
-                       **results["metrics"], **{f"perf/{k}": v for k, v in results["perf"].items()}}
-            run.summary.update({k: v for k, v in summary.items() if v is not None})
-
-
 def _print_summary(results: dict, notes: list[str]) -> None:
     p, m = results["params"], results["metrics"]
     lines = ["", f"== {results['method']} on {results['model']} / {results['dataset']} (seed {results['seed']})"]
@@ -279,9 +259,10 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     if p.get("lora_equivalent_rank") is not None:
         lines.append(f"adapter params     {p['adapter']:,}  (r = {results['r']}, LoRA-equivalent rank "
                      f"{p['lora_equivalent_rank']:.2f})")
-    match = (results.get("adapter") or {}).get("budget_match")
+    match = results.get("budget_match")
     if match:
-        lines.append(f"budget             {match['summary']}")
+        lines.append(f"budget             {match['achieved']:,} adapter parameters for {match['budget']:,.0f} "
+                     f"({100 * match['deviation']:+.2f} %), {match['knob']} per layer {match['rank_counts']}")
     perf = results.get("perf", {})
     if perf.get("samples_per_s"):
         lines.append(f"throughput         {perf['samples_per_s']:.1f} samples/s, peak memory "

@@ -14,7 +14,7 @@ LAYER = {"errors": 0, "hub": 1, "instructions": 1, "results": 1,
          "adapters": 1, "buffers": 2, "compile": 2, "analysis": 2,
          "models": 3, "data": 3,
          "tasks": 4, "report": 4,
-         "training": 5, "loggers": 5,
+         "training": 5,
          "train": 6, "export": 6, "pretrain": 6}
 # beyond the layer rule: the library imports nothing of the package; the two layer-3 units never import each
 # other; the layer-2 utilities use the library only; the report reads results.json files, whatever wrote them

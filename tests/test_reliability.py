@@ -90,7 +90,7 @@ def test_wandb_without_credentials_runs_offline(tmp_path):
 
 
 def test_wandb_tags_and_group():
-    from randlora.loggers import default_group, run_tags
+    from randlora.training.loggers import default_group, run_tags
     cfg = compose_cfg(["adapter=lora", "adapter.budget=2e4", "data.shots=4", "group=budget_sweep", "tags=[mine]"])
     tags = run_tags(cfg, r=3)
     assert {"mine", "method:lora", "data:digits", "r:3", "budget:20000", "shots:4"} <= set(tags)
@@ -293,12 +293,13 @@ def test_deferred_guard_stops_before_any_checkpoint_of_bad_weights(tmp_path, wei
 def test_reporting_failure_after_training_keeps_the_job_completed(tmp_path, monkeypatch, capsys):
     """A W&B summary or a printing problem after training is a warning: results.json stays
     'completed' and run() returns the results."""
+    import randlora.training.loggers as loggers_mod
     import randlora.train as train_mod
 
     def boom(*_a, **_k):
         raise RuntimeError("reporting broke")
     monkeypatch.setattr(train_mod, "_print_summary", boom)
-    monkeypatch.setattr(train_mod, "_to_wandb", boom)
+    monkeypatch.setattr(loggers_mod, "publish_results", boom)
     res = run(compose_cfg(["model=tiny_vit", "adapter=lora", *FAST], tmp_path))
     assert res["status"] == "completed"
     assert results(tmp_path)["status"] == "completed"

@@ -588,3 +588,31 @@ def test_results_json_keeps_the_first_attempt(halfway, tmp_path):
     assert a0["started"] == first["attempts"][0]["started"] and a0["status"] == "failed"
     assert a0["command_overrides"] == first["attempts"][0]["command_overrides"]
     assert json.dumps(results(part)["identity"]) == json.dumps(first["identity"])
+
+
+def test_results_json_records_what_the_run_trained_with(tmp_path):
+    """results.json conforms to the schema in code (randlora/results.py) and records the resolved learning
+    rate and the other defaults the run filled in, the package versions, the code's git state and the
+    hardware (it recorded optim.lr: null, the composed value, before)."""
+    from randlora.results import check
+    res = run(compose_cfg(["model=tiny_vit", "adapter=randlora", "trainer=cpu", "data.epochs=1",
+                           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                           "trainer.limit_test_batches=1"], tmp_path))
+    rec = json.loads((tmp_path / "results.json").read_text())
+    assert check(rec) == [] and rec == json.loads(json.dumps(res, default=str))
+    assert rec["config"]["optim"]["lr"] == 1e-2 == rec["provenance"]["lr"]  # RandLoRA's vision LR (lr_by_task)
+    resolved = rec["provenance"]["resolved_defaults"]
+    assert resolved["optim.lr"] == 1e-2 and resolved["trainer.max_epochs"] == 1  # from data.epochs
+    p = rec["provenance"]
+    assert p["packages"]["torch"] and p["hardware"]["devices"] == 1 and "commit" in p["git"]
+    assert rec["bases_checksum"] and len(rec["bases_checksum"]) == 16
+
+
+def test_budget_match_is_recorded(tmp_path):
+    res = run(compose_cfg(["model=tiny_vit", "adapter=lora", "adapter.budget=5000", "trainer=cpu",
+                           "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                           "trainer.limit_test_batches=1"], tmp_path))
+    m = res["budget_match"]
+    assert abs(m["achieved"] - 5000) / 5000 <= m["tolerance"] == 0.02 and abs(m["deviation"]) <= 0.02
+    assert sum(m["rank_counts"].values()) == len(m["ranks"]) == 12  # 4 blocks x qkv, fc1, fc2
+    assert res["params"]["adapter"] == m["achieved"]

@@ -1,4 +1,4 @@
-"""W&B never fails a run and never holds it up for long (randlora/loggers.py), with the real wandb:
+"""W&B never fails a run and never holds it up for long (randlora/training/loggers.py), with the real wandb:
 an API key with a server that accepts TCP but never answers, a server that answers the probe but
 refuses the run, an empty WANDB_MODE, an unwritable wandb/ folder. Each case ends with a run that
 logs (offline, or CSV only) within a few seconds of the configured probe budget."""
@@ -28,7 +28,7 @@ def wandb_env(monkeypatch, tmp_path):
     yield monkeypatch
     import wandb
 
-    from randlora.loggers import finish_wandb
+    from randlora.training.loggers import finish_wandb
     finish_wandb()
     wandb.teardown()
 
@@ -88,7 +88,7 @@ def _build(tmp_path, *overrides):
     import lightning.pytorch.loggers  # noqa: F401
     import wandb  # noqa: F401
 
-    from randlora.loggers import build_loggers
+    from randlora.training.loggers import build_loggers
     cfg = compose_cfg(["logger=wandb", f"logger.wandb.probe_timeout={PROBE}", *overrides])
     out = tmp_path / "run"
     t0 = time.monotonic()
@@ -159,7 +159,7 @@ def test_unwritable_wandb_folder_runs_without_wandb(tmp_path, wandb_env, capsys)
 
 
 def test_probe_reports_what_did_not_answer(silent_server, refusing_server):
-    from randlora.loggers import probe_server
+    from randlora.training.loggers import probe_server
     t0 = time.monotonic()
     why = probe_server(silent_server, timeout=0.5)
     assert why is not None and time.monotonic() - t0 < 1.5
@@ -269,7 +269,7 @@ def test_publish_results_sets_sortable_summary_and_plottable_config(tmp_path, of
     parameters, learning rate and budget deviation as config (W&B's scatter and parallel-coordinates
     panels plot config against summary), params/ and perf/ as summary; val/acc keeps the max and last W&B
     made of its history; and the report reads it all back."""
-    from randlora.loggers import build_loggers, finish_wandb, publish_results
+    from randlora.training.loggers import build_loggers, finish_wandb, publish_results
     from randlora.report import wandb_run_to_row
     from randlora.results import check, new_record, provenance
     cfg = compose_cfg(["logger=wandb", "model=tiny_vit", "adapter=lora", "adapter.budget=5000", "data.shots=4",
@@ -326,8 +326,7 @@ def test_training_job_run_is_grouped_tagged_flat_and_sortable(tmp_path, offline_
     train(cfg)
     rec = results(tmp_path)
     assert rec["status"] == "completed"
-    # provenance: written once train.py calls randlora.results.provenance (the restructure's wiring)
-    assert check(rec, missing_ok=("provenance",)) == []
+    assert check(rec) == [] and rec["provenance"]["lr"] == rec["config"]["optim"]["lr"]
 
     run = OfflineRun(tmp_path)
     assert run.group == "mysweep"

@@ -1,6 +1,6 @@
 """W&B runs as report rows (``--wandb-group``).
 
-The training loggers (``randlora.loggers.publish_results``) put the results.json fields into each run: the
+The training loggers (``randlora.training.loggers.publish_results``) put the results.json fields into each run: the
 identifying fields and the flattened resolved config into its config (``adapter.r``, ``params.trainable``),
 the results into its summary (``params/trainable``, ``perf/step_time_s``, the metrics). A metric with a W&B
 summary aggregate (``val/acc``: ``{"max": .., "last": ..}``) is read as its last value, like results.json.

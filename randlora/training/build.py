@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..adapters import (BudgetWarning, adapted_layers, count_total, count_trainable, format_parameter_table, inject,
                         lora_equivalent_rank, match_budget)
 from ..errors import UserError
+from ..results import budget_record
 from ..tasks import TASKS
 from ..tasks.base import Network
 from .config import FRAMEWORK_KEYS
@@ -63,8 +64,8 @@ def adapter_kwargs(adapter_cfg, targets, trainable_modules=None) -> tuple[str, d
 def inject_adapter(network: Network, adapter_cfg) -> dict:
     """Inject the configured adapter into ``network.net`` (the rank picked by ``adapter.budget`` when
     set: ``match_budget`` reaches it within ``adapter.budget_tolerance`` by mixing neighbouring ranks);
-    return what was injected: method, r, the budget and, when matched, the match's record (achieved
-    count, deviation, per-layer ranks, warnings)."""
+    return what was injected: method, r, the budget and, when matched, the match's record for results.json
+    (``results.budget_record``: achieved count, deviation, per-layer ranks, warnings) and its log line."""
     a = _plain(adapter_cfg)
     method, kw = adapter_kwargs(a, network.targets, network.trainable_modules)
     budget = a.get("budget")
@@ -80,7 +81,8 @@ def inject_adapter(network: Network, adapter_cfg) -> dict:
         kw = dict(match)
     inject(network.net, method, **kw)
     return {"method": method, "r": kw.get("r"), "budget": None if budget is None else float(budget),
-            "budget_match": None if match is None else {**match.record(), "summary": match.summary()}}
+            "budget_match": None if match is None else budget_record(match),
+            "budget_summary": None if match is None else match.summary()}
 
 
 def adapt(cfg, bundle, data) -> tuple[Network, dict]:

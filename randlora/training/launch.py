@@ -52,7 +52,7 @@ FORKS_ENV = "RANDLORA_JOB_FORKS"
 SERVER_ENV = "RANDLORA_FORK_SERVER_FD"  # set for the fork server: its control pipe
 # what every job imports before its first step (none of them starts a thread or touches CUDA)
 PREIMPORT = ("torch", "lightning.pytorch", "torchmetrics", "timm", "randlora.train", "randlora.training.callbacks",
-             "randlora.training.checkpoints", "randlora.loggers", "randlora.models", "randlora.training.config",
+             "randlora.training.checkpoints", "randlora.training.loggers", "randlora.models", "randlora.training.config",
              "randlora.data.images", "randlora.tasks.classification", "randlora.tasks.clip")
 # the parent's hydra.* overrides that describe the sweep, not the job (the job is a single run)
 _SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher",

@@ -197,7 +197,7 @@ def _flatten(d, prefix: str = "") -> dict:
 def wandb_init_config(cfg) -> dict:
     """The W&B config of a job at its start: the resolved config flattened to dot keys (``adapter.r``,
     ``optim.lr``), then the results.json identifying fields (``method``, ``dataset``, ``budget`` ...)."""
-    from .results import summary_fields
+    from ..results import summary_fields
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - a Hydra-runtime interpolation outside a Hydra job
@@ -342,7 +342,7 @@ def _scalar(v) -> bool:
 def results_config(record: dict) -> dict:
     """The W&B config keys of a results.json record: its identifying fields, ``params.*``, the learning
     rate it trained with (``provenance.lr``) and the budget match (``budget_match.achieved`` / ``deviation``)."""
-    from .results import IDENTIFYING
+    from ..results import IDENTIFYING
     out = {k: record.get(k) for k in IDENTIFYING}
     out.update({f"params.{k}": v for k, v in (record.get("params") or {}).items() if _scalar(v)})
     lr = (record.get("provenance") or {}).get("lr")
