@@ -171,8 +171,8 @@ def table(o, i, T, rows, rr, itemsize) -> tuple[list[str], dict]:
     for n, r in rows.items():
         path = r["path"] or ("factorised" if n == "PEFT RandLoRA" else None)
         costs[n] = cost(kind.get(n, "randlora"), T, o, i, r["r"] or 0, k, path, itemsize)
-    lines = [f"| row | r | trainable | path | model GFLOP | model MB | FLOP/byte | ms (median) | GFLOP/s "
-             f"| ms / LoRA | model FLOP / LoRA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | r | trainable | path | model GFLOP | model MB | FLOP/byte | ms (median) | GFLOP/s "
+             "| ms / LoRA | model FLOP / LoRA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         f, b = costs[n]
         lines.append(f"| {n} | {r['r'] or '-'} | {r['params']:,} | {r['path'] or '-'} | {f / 1e9:.2f} | "

@@ -364,13 +364,14 @@ def budget_record(match) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- provenance
-def _flatten(d, prefix: str = "") -> dict:
+def flatten(d, prefix: str = "") -> dict:
+    """Nested mappings as one level of dotted keys (an empty mapping stays a value)."""
     out = {}
     if isinstance(d, Mapping):
         for k, v in d.items():
             key = f"{prefix}.{k}" if prefix else str(k)
             if isinstance(v, Mapping) and v:
-                out.update(_flatten(v, key))
+                out.update(flatten(v, key))
             else:
                 out[key] = v
     return out
@@ -378,8 +379,8 @@ def _flatten(d, prefix: str = "") -> dict:
 
 def resolved_defaults(composed: Mapping | None, resolved: Mapping) -> dict:
     """{dotted key: value} of the keys ``composed`` left null (or had not) that ``resolved`` sets."""
-    before = _flatten(composed or {})
-    return {k: v for k, v in _flatten(resolved).items() if v is not None and before.get(k) is None}
+    before = flatten(composed or {})
+    return {k: v for k, v in flatten(resolved).items() if v is not None and before.get(k) is None}
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict:
@@ -427,7 +428,8 @@ def git_state(root: str | os.PathLike | None = None, timeout: float = 5.0) -> di
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -459,7 +461,7 @@ def hardware(devices: int | None = None) -> dict:
         except Exception:  # noqa: BLE001 - a broken driver must not fail the record
             pass
     return {"host": platform.node(), "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(), "gpu": gpu,
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(), "gpu": gpu,
             "gpu_count": count, "devices": None if devices is None else int(devices)}
 
 

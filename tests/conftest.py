@@ -53,6 +53,19 @@ def batch():
     return torch.randn(4, 5, 12, generator=g), torch.randint(0, 3, (4,), generator=g)
 
 
+@pytest.fixture
+def interrupt(monkeypatch):
+    """``callbacks.kill_at_step=N`` stops the run in-process after step N by raising
+    tests.helpers.Interrupted (no checkpoint is saved at that step)."""
+    import randlora.training.callbacks as callbacks
+    from tests.helpers import Interrupted
+
+    def stop(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise Interrupted(f"interrupted after step {trainer.global_step}")
+    monkeypatch.setattr(callbacks.KillAtStep, "on_train_batch_end", stop)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The suite writes nothing into the repository tree: a folder a run would create there fails it."""
     new = [d for d in _WRITTEN_BY_RUNS if (ROOT / d).exists() and d not in _PRESENT_AT_START]

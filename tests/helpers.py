@@ -61,3 +61,7 @@ def sweep_params(overrides) -> dict:
             v = str(OmegaConf.select(cfg, v[2:-1]))
         out[k] = v.split(",")
     return out
+
+
+class Interrupted(Exception):
+    """Raised by the ``interrupt`` fixture (tests/conftest.py): a run stopped in-process."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from randlora.adapters import adapted_layers, inject, merge
+from randlora.adapters import adapted_layers, inject
 from randlora.analysis import (cka_per_layer, effective_rank, layer_activations, layer_spectra, linear_cka,
                                loss_path, loss_plane, merged_state_dict, mix_state, numerical_rank,
                                plane_coefficients, plot_cka, plot_loss_plane, plot_spectra, spectrum,

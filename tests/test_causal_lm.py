@@ -19,8 +19,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from randlora.adapters import count_total, find_targets, get_method, match_budget  # noqa: E402
-from randlora.adapters.lora import LoRAUpdate  # noqa: E402
-from randlora.adapters.randlora import RandLoRAUpdate  # noqa: E402
 from randlora.data import commonsense as cs  # noqa: E402
 from randlora import instructions as ins  # noqa: E402
 from randlora.models import SourceUnavailableError  # noqa: E402
@@ -182,8 +180,6 @@ def test_rows_from_all_ranks_are_deduplicated():
 # -------------------------------------------------------------------------- evaluators on a model
 @pytest.fixture(scope="module")
 def tiny_task():
-    from omegaconf import OmegaConf
-
     from randlora.models import build_model
     from randlora.training.build import build_task
     cfg = compose(["model=tiny_llama", "data=commonsense_tiny", "adapter=randlora", "task.evaluator=both",

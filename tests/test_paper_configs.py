@@ -3,8 +3,6 @@ counts of the architectures (built on the meta device: no weights, no memory) ma
 from __future__ import annotations
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 
 from randlora.adapters import count_trainable, inject
 from randlora.models import meta_backbone

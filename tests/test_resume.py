@@ -12,25 +12,11 @@ import csv
 import pytest
 import torch
 
-import randlora.training.callbacks as callbacks
 from randlora.train import run
-from tests.helpers import compose_cfg, results
+from tests.helpers import Interrupted, compose_cfg, results
 
 TINY = ["model=tiny_vit", "trainer=cpu", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "data.batch_size=16", "seed=3"]
-
-
-class Interrupted(Exception):
-    pass
-
-
-@pytest.fixture
-def interrupt(monkeypatch):
-    """``callbacks.kill_at_step=N`` stops the run in-process after step N (no checkpoint is saved)."""
-    def stop(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise Interrupted(f"interrupted after step {trainer.global_step}")
-    monkeypatch.setattr(callbacks.KillAtStep, "on_train_batch_end", stop)
 
 
 def _csv_rows(run_dir):

@@ -25,22 +25,10 @@ import torch
 
 import randlora.training.callbacks as callbacks
 from randlora.train import run
-from tests.helpers import ROOT, compose_cfg, env, results, train_cli
+from tests.helpers import ROOT, Interrupted, compose_cfg, env, results, train_cli
 
 BASE = ["model=tiny_vit", "adapter=randlora", "trainer=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=16", "seed=3"]
-
-
-class Interrupted(Exception):
-    pass
-
-
-@pytest.fixture
-def interrupt(monkeypatch):
-    def stop(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise Interrupted(f"interrupted after step {trainer.global_step}")
-    monkeypatch.setattr(callbacks.KillAtStep, "on_train_batch_end", stop)
 
 
 @pytest.fixture(scope="module")

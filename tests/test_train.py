@@ -3,7 +3,6 @@ DDP on CPU, offline behaviour and bad input."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -97,8 +97,8 @@ def _build(tmp_path, *overrides):
         lg.log_metrics({"train/loss": 1.0}, step=0)
     elapsed = time.monotonic() - t0
     from lightning.pytorch.loggers import WandbLogger
-    wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
-    return out, loggers, wandb, notes, elapsed
+    wb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    return out, loggers, wb, notes, elapsed
 
 
 def _offline_runs(out):

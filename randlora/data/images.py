@@ -39,6 +39,7 @@ from ..errors import DataConfigError, SourceUnavailableError, offline_message
 from . import classnames as curated
 from . import vision_sources as vs
 from .samplers import EpochSeededSampler
+from .subsets import Relabel, Subset
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LOCAL_LAYOUTS = tuple(vs.LAYOUTS)
@@ -78,34 +79,6 @@ class HFImages(Dataset):
         except Exception as e:  # noqa: BLE001 - any decoder error: one line naming the row
             raise vs.ReadError(f"cannot read image {int(i)} of {self.where}: {type(e).__name__}: {e}") from None
         return self.transform(img), int(row[self.label_key])
-
-
-class Subset(Dataset):
-    def __init__(self, base, indices):
-        self.base, self.indices = base, [int(i) for i in indices]
-        self.labels = base.labels[torch.as_tensor(self.indices, dtype=torch.long)]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[self.indices[i]]
-
-
-class Relabel(Dataset):
-    """``base`` with label y read as ``perm[y]``: a copy whose classes are ordered differently from
-    the curated list is mapped onto the curated order."""
-
-    def __init__(self, base, perm):
-        self.base, self.perm = base, torch.as_tensor(perm, dtype=torch.long)
-        self.labels = self.perm[base.labels]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return x, int(self.perm[y])
 
 
 # ---------------------------------------------------------------------------------- transforms

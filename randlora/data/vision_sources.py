@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import SourceUnavailableError
+from .subsets import Subset
 
 # What torchvision's class reads under root=..., relative to it: checked before anything is loaded
 # (source_problems), so a missing or misplaced root is one line, not a RuntimeError from deep inside.
@@ -179,7 +180,6 @@ def load_torchvision(spec: dict, root, make_tf):
         n_train = int(n * float(rs.get("train_fraction", 0.8)))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(rs.get("seed", 0)))).tolist()
         test_ds = TorchvisionImages(whole.ds, whole.labels, make_tf(False))
-        from .images import Subset
         return Subset(whole, perm[:n_train]), None, Subset(test_ds, perm[n_train:]), source_names
     return built["train"], built["val"], built["test"], source_names
 
@@ -203,23 +203,25 @@ def load_layout(layout: str, root, make_tf, splits: dict):
     return reader(Path(root), make_tf, splits)
 
 
+def _by_role(splits, make_tf, records):
+    """(train, val, test) datasets: ``records(split)`` lists the (path, label[, box]) of a published
+    split; a role without a split (``splits[role]`` is None) is None."""
+    return [None if splits.get(role) is None else ListImages(records(splits[role]), make_tf(role == "train"))
+            for role in ("train", "val", "test")]
+
+
 def _ucf101(root: Path, make_tf, splits):
     base = root / "UCF-101-midframes"
     table = json.loads((base / "split_zhou_UCF101.json").read_text())
     names = {}
-    sets = []
-    for role in ("train", "val", "test"):
-        split = splits.get(role)
-        if split is None:
-            sets.append(None)
-            continue
+
+    def records(split):
         if split not in table:
             raise ValueError(f"split_zhou_UCF101.json has no split {split!r} (splits: {sorted(table)})")
-        recs = []
-        for rel, label, cname in table[split]:
-            recs.append((str(base / rel), int(label)))
+        for _, label, cname in table[split]:
             names.setdefault(int(label), cname)
-        sets.append(ListImages(recs, make_tf(role == "train")))
+        return [(str(base / rel), int(label)) for rel, label, _ in table[split]]
+    sets = _by_role(splits, make_tf, records)
     source_names = [names[i] for i in range(len(names))] if sorted(names) == list(range(len(names))) else None
     return (*sets, source_names)
 
@@ -233,16 +235,13 @@ def _cub(root: Path, make_tf, splits):
     label = {i: int(c) - 1 for i, c in read("image_class_labels.txt")}
     is_train = {i: s.strip() == "1" for i, s in read("train_test_split.txt")}
     source_names = [c.split(".", 1)[-1] for _, c in sorted(read("classes.txt"), key=lambda r: int(r[0]))]
-    sets = []
-    for role in ("train", "val", "test"):
-        split = splits.get(role)
-        if split is None:
-            sets.append(None)
-            continue
+
+    def records(split):
         if split not in ("train", "test"):
             raise ValueError(f"CUB-200-2011 has the splits train and test, not {split!r}")
         ids = sorted((i for i in paths if is_train[i] == (split == "train")), key=int)
-        sets.append(ListImages([(str(base / "images" / paths[i]), label[i]) for i in ids], make_tf(role == "train")))
+        return [(str(base / "images" / paths[i]), label[i]) for i in ids]
+    sets = _by_role(splits, make_tf, records)
     return (*sets, source_names)
 
 
@@ -254,12 +253,8 @@ def _voc(root: Path, make_tf, splits):
     import xml.etree.ElementTree as ET
     base = root / "VOCdevkit" / "VOC2007"
     index = {c: i for i, c in enumerate(VOC_CLASSES)}
-    sets = []
-    for role in ("train", "val", "test"):
-        split = splits.get(role)
-        if split is None:
-            sets.append(None)
-            continue
+
+    def records(split):
         listing = base / "ImageSets" / "Main" / f"{split}.txt"
         if not listing.is_file():
             raise SourceUnavailableError(f"PASCAL VOC 2007 split list {listing} does not exist (splits: train, val, "
@@ -271,5 +266,5 @@ def _voc(root: Path, make_tf, splits):
                 box = obj.find("bndbox")
                 xyxy = tuple(int(float(box.find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax"))
                 recs.append((str(base / "JPEGImages" / f"{image_id}.jpg"), index[obj.find("name").text.strip()], xyxy))
-        sets.append(ListImages(recs, make_tf(role == "train")))
-    return (*sets, list(VOC_CLASSES))
+        return recs
+    return (*_by_role(splits, make_tf, records), list(VOC_CLASSES))

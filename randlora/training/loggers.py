@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
+from ..results import flatten
+
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -183,17 +185,6 @@ def init_wandb(mode: str, init: dict, timeouts: dict) -> tuple[object | None, st
     return None, why
 
 
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def wandb_init_config(cfg) -> dict:
     """The W&B config of a job at its start: the resolved config flattened to dot keys (``adapter.r``,
     ``optim.lr``), then the results.json identifying fields (``method``, ``dataset``, ``budget`` ...)."""
@@ -202,7 +193,7 @@ def wandb_init_config(cfg) -> dict:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - a Hydra-runtime interpolation outside a Hydra job
         resolved = OmegaConf.to_container(cfg, resolve=False)
-    return {**_flatten(resolved), **summary_fields(cfg)}
+    return {**flatten(resolved), **summary_fields(cfg)}
 
 
 # metrics whose W&B summary keeps the best value next to the last (for sorting the runs table)
@@ -280,7 +271,7 @@ def flat_wandb_logger():
 
         class FlatWandbLogger(WandbLogger):
             def log_hyperparams(self, params) -> None:
-                super().log_hyperparams(_flatten(_convert_params(params)))
+                super().log_hyperparams(flatten(_convert_params(params)))
 
         _FLAT_LOGGER = FlatWandbLogger
     return _FLAT_LOGGER
