@@ -1,6 +1,6 @@
 """The ``results.json`` of a training job: its schema as data, and the helpers that write and check it.
 
-One job, one file: ``<run_dir>/results.json``. The writer (``randlora/train.py``, and ``randlora/launch.py``
+One job, one file: ``<run_dir>/results.json``. The writer (``randlora/train.py``, and ``randlora/training/launch.py``
 for a job that died) builds the record with :func:`new_record` and :func:`summary_fields`, adds
 :func:`provenance`; the report (``randlora/report/``) reads its columns through :func:`report_fields`;
 ``docs/results-schema.md`` is generated from :data:`SCHEMA` (``python -m randlora.results --markdown``) and
@@ -587,7 +587,7 @@ Multirun layout: `logs/multiruns/<YYYY-MM-DD_HH-MM-SS>_<6 hex chars>/<job number
 Hydra's `.hydra/` folder (config.yaml, overrides.yaml) in each job folder. A job folder that has
 `.hydra/` but no `results.json`, or a `results.json` with status "running", is unfinished.
 
-A local multirun runs each job in a process of its own (`randlora/launch.py`). When that process ends
+A local multirun runs each job in a process of its own (`randlora/training/launch.py`). When that process ends
 without a final status (killed by a signal, e.g. the out-of-memory killer's SIGKILL, or exited before
 `run()` could record its error), the sweep writes it: `"status": "failed"`, `"error": "killed by signal 9
 (SIGKILL); ..."` (or `"exited with status N: <its last stderr line>"`, or `"stopped: the sweep received

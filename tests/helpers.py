@@ -1,12 +1,14 @@
 """Shared helpers for framework tests: compose the real Hydra config and run jobs."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,37 @@ def sweep_params(overrides) -> dict:
 
 class Interrupted(Exception):
     """Raised by the ``interrupt`` fixture (tests/conftest.py): a run stopped in-process."""
+
+
+# -------------------------------------------------- comparing a resumed run with an uninterrupted one
+def _csv_rows(run_dir):
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # wall-clock timings and memory are the only things that may differ
+    return [{k: v for k, v in r.items() if v != "" and not k.startswith("perf/")} for r in rows]
+
+
+def _tensors(run_dir):
+    from safetensors.torch import load_file
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    out = {f"adapter/{k}": v for k, v in load_file(str(run_dir / "checkpoints" / "adapter.safetensors")).items()}
+    out.update({f"ckpt/{k}": v for k, v in ck["state_dict"].items()})
+    for i, st in ck["optimizer_states"][0]["state"].items():
+        out.update({f"adam/{i}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    return out, ck["global_step"]
+
+
+def _quality(res):
+    return {k: v for k, v in res["metrics"].items() if not k.startswith("perf/")}
+
+
+def assert_same_run(ref, resumed):
+    a, b = results(ref), results(resumed)
+    assert b["status"] == "completed"
+    assert _quality(a) == _quality(b) and "train/loss_epoch" in _quality(a)
+    ta, sa = _tensors(ref)
+    tb, sb = _tensors(resumed)
+    assert sa == sb and ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert _csv_rows(ref) == _csv_rows(resumed)

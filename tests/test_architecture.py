@@ -101,3 +101,16 @@ def test_the_adapter_library_needs_only_its_declared_dependencies():
             third_party |= {n.split(".")[0] for n in names}
     third_party -= set(sys.stdlib_module_names) | {"randlora", "__future__"}
     assert third_party <= core, f"the library imports {third_party - core}, which the core install lacks"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in helper modules (tests/helpers.py, tests/tiny_models.py, ...), never in a
+    test_*.py file: importing one test module from another runs its collection side effects twice."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                      if n.startswith("tests.test_") or n.startswith("test_")]
+    assert found == []

@@ -10,7 +10,7 @@ from randlora.adapters import adapter_state_dict, adapted_layers, inject, merge,
 from randlora.compile import compile_model, is_compiled, normalise_options, repeated_blocks
 
 from tests.helpers import FAST, results, train_cli
-from tests.test_adapters_models import tiny_clip, tiny_llama, tiny_vit
+from tests.tiny_models import tiny_clip, tiny_llama, tiny_vit
 
 
 @pytest.fixture(autouse=True)

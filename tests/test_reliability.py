@@ -9,7 +9,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from randlora.train import run
 from randlora.training.config import validate_config
-from tests.helpers import FAST, compose_cfg, results, train_cli
+from tests.bad_inputs import BAD
+from tests.helpers import FAST, assert_same_run, compose_cfg, results, train_cli
 
 BASE = ["model=tiny_vit", "adapter=randlora", "trainer=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.deterministic=true",
@@ -26,7 +27,6 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     """A real SIGKILL in the middle of an epoch (nothing flushed), a resume from the mid-epoch
     checkpoint before it, with dropout and max_steps: every metric, every CSV row, every trained
     tensor and the optimizer state are the uninterrupted run's, bit for bit."""
-    from tests.test_resume import assert_same_run
     over = [*BASE, "adapter.dropout=0.1", "++trainer.max_steps=11", "callbacks.checkpoint_every_n_train_steps=3"]
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     out = train_cli([*over, f"hydra.run.dir={ref}"])
@@ -95,53 +95,6 @@ def test_wandb_tags_and_group():
     tags = run_tags(cfg, r=3)
     assert {"mine", "method:lora", "data:digits", "r:3", "budget:20000", "shots:4"} <= set(tags)
     assert default_group(cfg) == "budget_sweep"
-
-
-BAD = [
-    (["adapter.method=dora_typo"], "adapter.method='dora_typo' is unknown"),
-    (["adapter.r=0"], "r must be a positive integer"),
-    (["adapter.r=-3"], "r must be a positive integer"),
-    (["adapter.r=1000"], "use r <= 64"),
-    (["adapter.alpha=-1"], "alpha must be a positive number"),
-    (["adapter.alpha=0"], "alpha must be a positive number"),
-    (["adapter.target_modules=[]"], "adapts nothing"),
-    (["adapter.target_modules=[q_proj]"], "no module matched target_modules ['q_proj']"),
-    (["adapter.budget=10"], "below the smallest randlora adapter"),
-    (["adapter.budget=-5"], "adapter.budget=-5 must be a positive number"),
-    (["adapter=full", "adapter.budget=1e5"], "meaningless for full fine-tuning"),
-    (["adapter.lr=-1"], "adapter.lr=-1 must be a positive number"),
-    (["adapter.weight_decay=-0.1"], "weight_decay"),
-    (["adapter.dropout=1.5"], "dropout must be in [0, 1)"),
-    (["adapter.distribution=cauchy"], "unknown basis distribution"),
-    (["adapter.sparsity=1"], "sparsity s must be >= 2"),
-    (["adapter.init=xavier"], "unknown RandLoRA init"),
-    (["adapter.path=sparse"], "unknown RandLoRA path"),
-    (["adapter.bases_dtype=int8"], "bases_dtype='int8' is unknown"),
-    (["+adapter.foo=1"], "unknown option(s) ['foo']"),
-    (["data.shots=0"], "data.shots=0 must be a positive integer"),
-    (["data.shots=-2"], "must be a positive integer"),
-    (["data.fraction=0"], "data.fraction=0 must be in (0, 1]"),
-    (["data.fraction=1.5"], "must be in (0, 1]"),
-    (["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
-    (["data.source=ftp"], "data.source='ftp' is unknown"),
-    (["data=food101", "data.hub_id=null"], "needs data.hub_id=<hub id> or data.path"),
-    (["trainer.precision=8-bit"], "trainer.precision='8-bit' is unknown"),
-    (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "not supported on the CPU"),
-    (["trainer=gpu"], "no CUDA GPU is visible"),
-    (["trainer.accelerator=cpu", "trainer.devices=4"], "needs trainer.strategy=ddp"),
-    (["optim.schedule=exponential"], "optim.schedule='exponential'"),
-    (["optim.warmup_steps=-1"], "warmup_steps"),
-    (["seed=abc"], "seed='abc' must be an integer"),
-    (["effective_batch_size=100"], "not a multiple of data.batch_size"),
-    (["model=tiny_llama", "task.kind=classification"], "does not fit model"),
-    (["compile.enabled=true", "compile.scope=layers"], "compile.scope='layers' is unknown"),
-    (["compile.enabled=true", "compile.mode=fast"], "compile.mode='fast' is unknown"),
-    (["compile.enabled=true", "compile.backend=tensorrtt"], "compile.backend='tensorrtt' is not registered"),
-    (["compile.enabled=true", "compile.backend=aot_eager", "compile.mode=max-autotune"], "inductor backend only"),
-    (["compile.enabled=yes"], "compile.enabled='yes' must be true or false"),
-    (["+compile.foo=1"], "compile.foo is not an option"),
-    (["model=tiny_clip", "compile.enabled=true", "compile.scope=model"], "use compile.scope=blocks"),
-]
 
 
 @pytest.mark.parametrize("overrides,msg", BAD, ids=[" ".join(o) for o, _ in BAD])

@@ -7,49 +7,15 @@ SIGKILL) so that pytest survives; what the resume sees is the same (the last che
 nothing saved at the interruption). ``test_reliability.py`` has the SIGKILL version."""
 from __future__ import annotations
 
-import csv
 
 import pytest
 import torch
 
 from randlora.train import run
-from tests.helpers import Interrupted, compose_cfg, results
+from tests.helpers import Interrupted, assert_same_run, compose_cfg, results
 
 TINY = ["model=tiny_vit", "trainer=cpu", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "data.batch_size=16", "seed=3"]
-
-
-def _csv_rows(run_dir):
-    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    # wall-clock timings and memory are the only things that may differ
-    return [{k: v for k, v in r.items() if v != "" and not k.startswith("perf/")} for r in rows]
-
-
-def _tensors(run_dir):
-    from safetensors.torch import load_file
-    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    out = {f"adapter/{k}": v for k, v in load_file(str(run_dir / "checkpoints" / "adapter.safetensors")).items()}
-    out.update({f"ckpt/{k}": v for k, v in ck["state_dict"].items()})
-    for i, st in ck["optimizer_states"][0]["state"].items():
-        out.update({f"adam/{i}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
-    return out, ck["global_step"]
-
-
-def _quality(res):
-    return {k: v for k, v in res["metrics"].items() if not k.startswith("perf/")}
-
-
-def assert_same_run(ref, resumed):
-    a, b = results(ref), results(resumed)
-    assert b["status"] == "completed"
-    assert _quality(a) == _quality(b) and "train/loss_epoch" in _quality(a)
-    ta, sa = _tensors(ref)
-    tb, sb = _tensors(resumed)
-    assert sa == sb and ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    assert _csv_rows(ref) == _csv_rows(resumed)
 
 
 def kill_and_resume(tmp_path, overrides, kill_at, expect_step):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from randlora.training.config import check_known_keys, known_keys, validate_config
+from tests.bad_inputs import BAD
 from tests.helpers import ROOT, compose_cfg, train_cli
 
 DOC = ROOT / "docs" / "refused-inputs.md"
@@ -76,7 +77,6 @@ def test_refused_before_issue_20(key, overrides, message, where):
 
 
 def test_earlier_table_is_test_reliability_bad():
-    from tests.test_reliability import BAD
     assert [(o, m) for _, o, m, _ in EARLIER] == [(list(o), m) for o, m in BAD]
 
 
