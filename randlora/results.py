@@ -225,6 +225,15 @@ BUDGET_MATCH = F("budget_match", "object", "present when `adapter.budget` was gi
                      F("warnings", "array", "degenerate regimes (also issued as BudgetWarning)", items="string"),
                  ))
 
+ADAPTER_SOURCE = F("adapter_source", "object", "present when `adapter.from_peft` was given: the Hugging Face PEFT "
+                   "adapter the run imported and evaluated (`method` and `r` are then the imported adapter's)",
+                   when="sometimes", fields=(
+                       F("path", "string", "the PEFT adapter folder (absolute)"),
+                       F("adapter_config_sha256", "string", "SHA-256 of its adapter_config.json"),
+                       F("weights_sha256", "string", "SHA-256 of its adapter_model.safetensors (or .bin)"),
+                       F("peft_type", "string|null", "`peft_type` of adapter_config.json (LORA, VERA, RANDLORA)"),
+                   ))
+
 PACKAGES = ("python", "torch", "torchvision", "lightning", "timm", "open_clip", "transformers", "peft", "datasets",
             "hydra", "numpy", "randlora")
 # import name -> distribution name, for those that differ
@@ -272,6 +281,7 @@ SCHEMA: tuple[Field, ...] = (
       "for methods without", when="completed"),
     PROVENANCE,
     BUDGET_MATCH,
+    ADAPTER_SOURCE,
     EXIT,
 )
 

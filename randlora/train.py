@@ -125,6 +125,8 @@ def run(cfg: DictConfig) -> dict:
                        provenance=provenance(results["config"], composed, devices=world_size(cfg.trainer)))
         if match:
             results["budget_match"] = match
+        if adapter.get("source"):  # adapter.from_peft: the imported adapter's method, and where it came from
+            results.update(method=adapter["method"], adapter_source=adapter["source"])
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)

@@ -90,9 +90,58 @@ def adapt(cfg, bundle, data) -> tuple[Network, dict]:
     task_cls = task_class(cfg, bundle)
     task_cfg = _plain(cfg.task)
     network = task_cls.network(bundle, data, task_cfg, int(cfg.seed))
-    adapter = inject_adapter(network, cfg.adapter)
+    if cfg.adapter.get("from_peft"):
+        adapter = import_peft_adapter(cfg, network)
+    else:
+        adapter = inject_adapter(network, cfg.adapter)
     task_cls.after_inject(network.net, adapter["method"], task_cfg)
     return network, adapter
+
+
+def import_peft_adapter(cfg, network: Network) -> dict:
+    """``adapter.from_peft=<folder>``: the PEFT adapter in that folder imported into ``network.net`` by
+    ``randlora.adapters.import_peft`` (our own method, PEFT's outputs; no adapter of ours injected first).
+    An image classifier's adapter may name the network's modules (``backbone.blocks.0...``, ``head``) or, as
+    when PEFT adapted ``timm.create_model(arch, num_classes=C)``, timm's (``blocks.0...``, ``head``): the
+    latter is imported into timm's model and moved over (``randlora.training.native``). Returns what
+    ``inject_adapter`` returns, and ``source``: the folder and the checksums of its files."""
+    import hashlib
+    from pathlib import Path
+
+    from ..adapters import adapter_meta, adapter_state_dict, import_peft, load_adapter_state_dict
+    from .native import BACKBONE, move_adapter_state, native_model, wraps_backbone
+    folder = Path(str(cfg.adapter.from_peft)).expanduser().resolve()
+    if wraps_backbone(cfg) and not _names_modules_under(folder, BACKBONE):
+        native = native_model(cfg, network.net.backbone, network.net.head)
+        import_peft(native, folder)
+        load_adapter_state_dict(network.net, move_adapter_state(adapter_state_dict(native), to_native=False))
+    else:
+        import_peft(network.net, folder)
+    meta = adapter_meta(network.net)
+    source = {"path": str(folder)}
+    for key, name in (("adapter_config_sha256", "adapter_config.json"), ("weights_sha256", "adapter_model.safetensors"),
+                      ("weights_sha256", "adapter_model.bin")):
+        if (folder / name).is_file() and key not in source:
+            source[key] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    import json
+    source["peft_type"] = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    return {"method": meta["method"], "r": meta["options"].get("r"), "budget": None, "budget_match": None,
+            "budget_summary": None, "source": source}
+
+
+def _names_modules_under(folder, prefix: str) -> bool:
+    """Whether the PEFT adapter in ``folder`` adapts modules named ``prefix...`` (its tensor keys read
+    ``base_model.model.<prefix>...``)."""
+    from pathlib import Path
+    f = Path(folder) / "adapter_model.safetensors"
+    if f.is_file():
+        from safetensors import safe_open
+        with safe_open(str(f), framework="pt") as h:
+            keys = list(h.keys())
+    else:
+        import torch
+        keys = list(torch.load(str(Path(folder) / "adapter_model.bin"), map_location="cpu", weights_only=True))
+    return any(k.startswith("base_model.model." + prefix) for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------- task
