@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 from omegaconf import DictConfig, OmegaConf
@@ -194,6 +195,54 @@ class ParameterCounts:
         """The per-layer table (parameters.txt); empty for full fine-tuning."""
         net = self.task.net
         return format_parameter_table(net) if adapted_layers(net) else ""
+
+
+# ------------------------------------------------------------------------------------ low-rank error
+LOWRANK_AUTO_COST = 1e11  # lowrank_error=auto: on when sum over layers of out * in * min(out, in) is at most this
+
+
+def lowrank_wanted(cfg, net) -> bool:
+    """Whether the run records ``lowrank`` in results.json (``lowrank_error``: true / false / auto). auto: for
+    an adapter whose float64 SVDs cost at most :data:`LOWRANK_AUTO_COST` (ViT-B/16 or CLIP ViT-B size: seconds
+    on a CPU; a 7-8B LLM's take minutes: off), and never under FSDP (each rank holds shards)."""
+    mode = cfg.get("lowrank_error", "auto")
+    layers = adapted_layers(net)
+    if mode is False or not layers:
+        return False
+    if mode is True:
+        return True
+    if cfg.trainer.get("strategy") == "fsdp":
+        return False
+    cost = 0.0
+    for _, layer in layers:
+        o, i = layer.update.out_features, layer.update.in_features
+        cost += float(o) * i * min(o, i)
+    return cost <= LOWRANK_AUTO_COST
+
+
+def lowrank_summary(net, lora_rank) -> dict | None:
+    """The cost of truncating the trained update to the rank of the LoRA with the same parameter count
+    ("full rank matters"): k = floor(LoRA-equivalent rank) (at least 1), per layer the relative Frobenius
+    error ||dW - dW_k||_F / ||dW||_F of the best rank-k approximation (``randlora.adapters.truncation`` on
+    the float64 singular values), their mean, max and the error over all layers stacked, and the mean of the
+    smallest rank per layer keeping 99 % of ||dW||_F^2. None without a LoRA-equivalent rank."""
+    from ..adapters import delta_spectra, rank_for_energy, truncation
+    if lora_rank is None or not math.isfinite(float(lora_rank)):
+        return None
+    k = max(1, int(math.floor(float(lora_rank) + 1e-9)))
+    spectra = delta_spectra(net)
+    layers, tails, totals, r99 = {}, 0.0, 0.0, []
+    for name, s in spectra.items():
+        err, _ = truncation(s, k)
+        layers[name] = err
+        sq = float((s.double() ** 2).sum())
+        totals += sq
+        tails += (err ** 2) * sq
+        r99.append(rank_for_energy(s, 0.99))
+    errors = list(layers.values())
+    return {"rank": k, "overall_rel_error": math.sqrt(tails / totals) if totals else 0.0,
+            "mean_rel_error": sum(errors) / len(errors), "max_rel_error": max(errors),
+            "rank99_mean": sum(r99) / len(r99), "layers": layers}
 
 
 # -------------------------------------------------------------------------------------------- compile

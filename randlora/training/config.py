@@ -230,6 +230,13 @@ def _check_run(cfg) -> None:
     if cfg.get("resume") and not cfg.get("train", True):
         raise ValueError(f"train=false with resume={cfg.resume} would write an evaluation over that run's results; "
                          f"to evaluate a run, use ckpt_path={cfg.resume}/checkpoints/last.ckpt (a new run folder)")
+    low = cfg.get("lowrank_error", "auto")
+    if low not in (True, False, "auto"):
+        raise ValueError(f"lowrank_error={low!r}; choose auto, true or false")
+    if low is True and cfg.trainer.get("strategy") == "fsdp":
+        raise ValueError("lowrank_error=true is not supported with trainer.strategy=fsdp (each rank holds shards of "
+                         "the weights); use lowrank_error=auto or false, or compute it afterwards with "
+                         "python -m randlora.export <run> --format lora --rank k")
     metric = cfg.get("optimized_metric")
     if metric is not None and not (isinstance(metric, str) and metric):
         raise ValueError(f"optimized_metric={metric!r} must be a metric name (e.g. val/acc) or null")
