@@ -41,6 +41,7 @@ RUNS = {  # name: overrides (on QUICK)
     "llama_lora": LLAMA + ["adapter=lora", "adapter.r=4"],
     "llama_randlora": LLAMA + ["adapter=randlora", "adapter.r=4"],
     "llama_dora": LLAMA + ["adapter=dora", "adapter.r=4"],
+    "clip_lora": ["model=tiny_clip", "data=digits", "adapter=lora", "adapter.r=4"],
 }
 PEFT_RUNS = ["vit_lora", "vit_vera", "vit_randlora", "vit_randlora_sparse", "vit_dora", "llama_lora",
              "llama_randlora", "llama_dora"]
@@ -196,6 +197,30 @@ def test_merged_llama_loads_in_transformers_and_through_model_pretrained(runs, t
 def reference_tokenizer(cfg):
     from randlora.models import build_model
     return build_model(cfg.model).tokenizer
+
+
+def test_open_clip_run_exports_to_peft_and_merged(runs, tmp_path):
+    """open_clip's CLIP (LoRA on nn.MultiheadAttention.in_proj_weight and the MLPs of both towers): the PEFT
+    folder and the merged state dict (through randlora's model.pretrained=) give the run's embeddings."""
+    import lightning as L
+
+    from randlora.export import export_run
+    from randlora.models import build_model
+    export_run(runs["clip_lora"], "peft", tmp_path / "peft")
+    export_run(runs["clip_lora"], "merged", tmp_path / "merged")
+    cfg, net = reference(runs["clip_lora"])
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16), torch.randint(1, 50, (2, 16))
+
+    def f(m):
+        return torch.cat([m.encode_image(x), m.encode_text(t)], 1)
+    with torch.no_grad(), _quiet():
+        want = f(net)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # tiny_clip: random weights from the seed
+        pm = peft.PeftModel.from_pretrained(build_model(cfg.model).backbone.eval(), str(tmp_path / "peft")).eval()
+        torch.testing.assert_close(f(pm.base_model.model), want, **TOL)
+        over = compose_cfg(["model=tiny_clip", "data=digits", f"model.pretrained={tmp_path / 'merged' / 'model.safetensors'}"])
+        torch.testing.assert_close(f(build_model(over.model).backbone.eval()), want, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------- lora
