@@ -225,6 +225,30 @@ BUDGET_MATCH = F("budget_match", "object", "present when `adapter.budget` was gi
                      F("warnings", "array", "degenerate regimes (also issued as BudgetWarning)", items="string"),
                  ))
 
+LOWRANK = F("lowrank", "object", "\"full rank matters\": the trained update truncated to the rank of the LoRA with the "
+            "same parameter count (`lowrank_error`: auto = small models, true, false; "
+            "`randlora.training.build.lowrank_summary`); absent for full fine-tuning", when="sometimes", fields=(
+                F("rank", "integer", "k = floor(params.lora_equivalent_rank), at least 1", column="lowrank_rank",
+                  aggregate="common"),
+                F("overall_rel_error", "number", "||dW - dW_k||_F / ||dW||_F over all adapted layers stacked "
+                  "(0: the update fits in rank k, 1: nothing of it does)", column="lowrank_error", aggregate="mean"),
+                F("mean_rel_error", "number", "the per-layer relative errors' mean", column="lowrank_mean_error",
+                  aggregate="mean"),
+                F("max_rel_error", "number", "the largest per-layer relative error"),
+                F("rank99_mean", "number", "mean over layers of the smallest rank keeping 99 % of ||dW||_F^2",
+                  column="lowrank_rank99", aggregate="mean"),
+                F("layers", "object", "{layer: relative error at rank k}", values="number"),
+            ))
+
+ADAPTER_SOURCE = F("adapter_source", "object", "present when `adapter.from_peft` was given: the Hugging Face PEFT "
+                   "adapter the run imported and evaluated (`method` and `r` are then the imported adapter's)",
+                   when="sometimes", fields=(
+                       F("path", "string", "the PEFT adapter folder (absolute)"),
+                       F("adapter_config_sha256", "string", "SHA-256 of its adapter_config.json"),
+                       F("weights_sha256", "string", "SHA-256 of its adapter_model.safetensors (or .bin)"),
+                       F("peft_type", "string|null", "`peft_type` of adapter_config.json (LORA, VERA, RANDLORA)"),
+                   ))
+
 PACKAGES = ("python", "torch", "torchvision", "lightning", "timm", "open_clip", "transformers", "peft", "datasets",
             "hydra", "numpy", "randlora")
 # import name -> distribution name, for those that differ
@@ -268,10 +292,12 @@ SCHEMA: tuple[Field, ...] = (
     DATA,
     IDENTITY,
     ATTEMPTS,
+    LOWRANK,
     F("bases_checksum", "string|null", "SHA-256 (16 hex) of the shared random bases (RandLoRA, VeRA, NoLA); null "
       "for methods without", when="completed"),
     PROVENANCE,
     BUDGET_MATCH,
+    ADAPTER_SOURCE,
     EXIT,
 )
 

@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
     from .models import build_model
     from .training import folder as rf
     from .training import resume
-    from .training.build import ParameterCounts, adapt, build_datamodule, build_task, compile_task
+    from .training.build import (ParameterCounts, adapt, build_datamodule, build_task, compile_task, lowrank_summary,
+                                 lowrank_wanted)
     from .training.checkpoints import check_checkpoint, load_trained_tensors
     from .results import new_record, provenance, summary_fields
     from .training.config import resolve, validate_config, world_size
@@ -125,6 +126,8 @@ def run(cfg: DictConfig) -> dict:
                        provenance=provenance(results["config"], composed, devices=world_size(cfg.trainer)))
         if match:
             results["budget_match"] = match
+        if adapter.get("source"):  # adapter.from_peft: the imported adapter's method, and where it came from
+            results.update(method=adapter["method"], adapter_source=adapter["source"])
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +150,10 @@ def run(cfg: DictConfig) -> dict:
                 metrics.update({k: float(v) for k, v in row.items()})
         results["metrics"] = _finite_check(metrics)
         results["params"] = counts.summary()  # final counts (DoRA-DR: after pruning)
+        if rank0 and lowrank_wanted(cfg, task.net):  # "full rank matters": dW truncated to the equal-budget rank
+            low = lowrank_summary(task.net, results["params"].get("lora_equivalent_rank"))
+            if low is not None:
+                results["lowrank"] = low
         results["perf"] = {**perf.summary(task.device), "train_time_s": time.time() - t0}
         from .adapters import bases_checksum
         results["bases_checksum"] = bases_checksum(task.net)

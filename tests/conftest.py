@@ -79,7 +79,7 @@ def pytest_sessionfinish(session, exitstatus):
 # FSDP, sweeps, kill / resume, W&B, benchmarks); `make test` runs both, and so does CI.
 INTEGRATION_FILES = {"test_fsdp.py", "test_compile.py", "test_train.py", "test_sweeps.py", "test_multirun.py",
                      "test_resume.py", "test_wandb.py", "test_reliability.py", "test_run_record.py",
-                     "test_distributed.py", "test_cuda.py"}
+                     "test_distributed.py", "test_cuda.py", "test_export.py"}
 
 
 def pytest_collection_modifyitems(config, items):

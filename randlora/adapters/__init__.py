@@ -16,7 +16,7 @@ truncated SVD, with the error per layer).
 from .counting import (BudgetMatch, BudgetWarning, count_total, count_trainable, format_parameter_table,
                        lora_equivalent_rank, match_budget, parameter_table)
 from .inject import (adapted_layers, adapter_meta, bases_checksum, check_rank, compute_paths, format_paths, inject, is_adapted,
-                     merge, shared_bases, unmerge)
+                     merge, shared_bases, unload, unmerge)
 from .lowrank import (LayerTruncation, delta_spectra, format_truncation, overall_error, rank_for_energy, to_lora,
                       truncation)
 from .peft import PEFT_VERSION, export_peft, import_peft, peft_state
@@ -32,4 +32,4 @@ __all__ = ["BudgetMatch", "BudgetWarning", "DEFAULTS", "FUNCTION_OPTIONS", "METH
            "find_targets", "format_parameter_table", "format_paths", "format_truncation", "get_method", "import_peft",
            "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",
            "match_budget", "merge", "num_bases", "overall_error", "parameter_table", "peft_state", "rank_for_energy",
-           "resolve_options", "save_adapter", "shared_bases", "to_lora", "truncation", "unmerge"]
+           "resolve_options", "save_adapter", "shared_bases", "to_lora", "truncation", "unload", "unmerge"]

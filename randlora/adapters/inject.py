@@ -252,3 +252,18 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, layer in adapted_layers(model):
         layer.unmerge()
     return model
+
+
+def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
+    """Take the adapter out of ``model`` in place: every adapted layer's own module goes back to its place and
+    the adapter record is dropped, so ``model`` is a plain model of its library again (its state dict has the
+    library's keys). ``merge_first`` (default) folds each update into its weight first, so the outputs stay
+    the same; ``merge_first=False`` puts the base layers back as they are (a merged layer is unmerged first).
+    Trained ``trainable_modules`` (a head) keep their trained weights. A full fine-tune only loses its record."""
+    meta = adapter_meta(model)
+    if meta["method"] != "full":
+        (merge if merge_first else unmerge)(model)  # merge refuses tied weights before anything is written
+        for name, layer in adapted_layers(model):
+            _set_module(model, name, layer.base_layer)
+    delattr(model, META_ATTR)
+    return model

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .inject import META_ATTR, adapted_layers, adapter_meta, inject, unmerge
+from .inject import adapted_layers, adapter_meta, inject, unload
 from .targets import exact_names
 
 
@@ -108,15 +108,6 @@ def _check_request(rank, energy, layer_ranks, names):
     return layer_ranks
 
 
-def _unwrap(model: nn.Module) -> None:
-    """Put every adapted layer's original module back at its place and drop the adapter record."""
-    for name, layer in adapted_layers(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
-    delattr(model, META_ATTR)
-
-
 @torch.no_grad()
 def to_lora(model: nn.Module, rank: int | None = None, *, energy: float | None = None,
             layer_ranks: dict[str, int] | None = None, inplace: bool = False
@@ -146,8 +137,7 @@ def to_lora(model: nn.Module, rank: int | None = None, *, energy: float | None =
         err, kept = truncation(s, k)
         report.append(LayerTruncation(name, tuple(dw.shape), k, full, float(s.norm()), err, kept))
     work = model if inplace else copy.deepcopy(model)
-    unmerge(work)  # a merged layer's weight holds W0 + dW; the LoRA goes on W0
-    _unwrap(work)
+    unload(work, merge_first=False)  # the original layers back (a merged layer's weight holds W0 + dW: unmerged)
     ks = {row.name: row.rank for row in report}
     r0 = Counter(ks.values()).most_common(1)[0][0]
     trainable = meta.get("trainable_names") or []

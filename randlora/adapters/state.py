@@ -227,9 +227,9 @@ def save_adapter(model: nn.Module, path, tensors: dict | None = None) -> None:
             os.remove(tmp)
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Read a file written by ``save_adapter``, verify its checksums and load it (see
-    ``load_adapter_state_dict``)."""
+def read_adapter_file(path) -> dict:
+    """The state dict in a file written by ``save_adapter`` (metadata under ``META_KEY``), every tensor's
+    checksum verified; nothing is loaded into a model (``load_adapter_state_dict`` does that)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -248,4 +248,10 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             raise _err(f"adapter file {path} is corrupt: tensor {bad[0]} does not match its checksum"
                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + "; it was not loaded")
     tensors[META_KEY] = json.loads(header["adapter"])
-    return load_adapter_state_dict(model, tensors)
+    return tensors
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Read a file written by ``save_adapter``, verify its checksums and load it (see
+    ``load_adapter_state_dict``)."""
+    return load_adapter_state_dict(model, read_adapter_file(path))

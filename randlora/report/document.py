@@ -105,6 +105,8 @@ def render_markdown(rows: Sequence[dict], summary: Sequence[dict], metric: str, 
     else:
         out += ["No completed job.", ""]
 
+    out += lowrank_section(summary)
+
     paired = [c for c in comparisons if c["n"]]
     if paired:
         out += [f"## Paired comparison with {baseline}", ""]
@@ -150,6 +152,28 @@ def render_markdown(rows: Sequence[dict], summary: Sequence[dict], metric: str, 
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def lowrank_section(summary: Sequence[dict]) -> list[str]:
+    """Markdown lines of the "full rank matters" table: per configuration, the relative Frobenius error of the
+    trained update truncated to the rank of the equal-parameter LoRA (results.json ``lowrank``), mean over
+    seeds; nothing when no run recorded it."""
+    have = [s for s in summary if s.get("lowrank_error") is not None]
+    if not have:
+        return []
+    body = [[s["label"], s["model"], s["dataset"], regime_label(s), "-" if s["r"] is None else s["r"],
+             fmt(s["lora_equivalent_rank"], ".2f"), fmt_int(s.get("lowrank_rank")), fmt(s["lowrank_error"], ".4f"),
+             fmt(s.get("lowrank_mean_error"), ".4f"), fmt(s.get("lowrank_rank99"), ".1f"), s["n_seeds"]]
+            for s in have]
+    header = ["Method", "Model", "Dataset", "Data", "r", "LoRA-eq. rank", "k", "Rel. error at k (all layers)",
+              "Mean per-layer rel. error", "Rank for 99 % energy (mean)", "Seeds"]
+    return ["## Full rank matters: the update truncated to the equal-budget LoRA rank", "",
+            md_table(header, body), "",
+            "k = floor(LoRA-equivalent rank): the rank of the LoRA with the same adapter parameters. Rel. error: "
+            "||dW - dW_k||_F / ||dW||_F of the best rank-k approximation (truncated SVD), over all adapted layers "
+            "stacked and per layer (mean); a LoRA at that budget cannot hold this part of the update. Per-layer "
+            "values: `lowrank.layers` in each results.json; `python -m randlora.export <run> --format lora --rank k` "
+            "writes the truncated adapter and the same errors.", ""]
 
 
 def _notes(rows, summary, metric, comparisons) -> list[str]:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 from omegaconf import DictConfig, OmegaConf
@@ -90,9 +91,58 @@ def adapt(cfg, bundle, data) -> tuple[Network, dict]:
     task_cls = task_class(cfg, bundle)
     task_cfg = _plain(cfg.task)
     network = task_cls.network(bundle, data, task_cfg, int(cfg.seed))
-    adapter = inject_adapter(network, cfg.adapter)
+    if cfg.adapter.get("from_peft"):
+        adapter = import_peft_adapter(cfg, network)
+    else:
+        adapter = inject_adapter(network, cfg.adapter)
     task_cls.after_inject(network.net, adapter["method"], task_cfg)
     return network, adapter
+
+
+def import_peft_adapter(cfg, network: Network) -> dict:
+    """``adapter.from_peft=<folder>``: the PEFT adapter in that folder imported into ``network.net`` by
+    ``randlora.adapters.import_peft`` (our own method, PEFT's outputs; no adapter of ours injected first).
+    An image classifier's adapter may name the network's modules (``backbone.blocks.0...``, ``head``) or, as
+    when PEFT adapted ``timm.create_model(arch, num_classes=C)``, timm's (``blocks.0...``, ``head``): the
+    latter is imported into timm's model and moved over (``randlora.training.native``). Returns what
+    ``inject_adapter`` returns, and ``source``: the folder and the checksums of its files."""
+    import hashlib
+    from pathlib import Path
+
+    from ..adapters import adapter_meta, adapter_state_dict, import_peft, load_adapter_state_dict
+    from .native import BACKBONE, move_adapter_state, native_model, wraps_backbone
+    folder = Path(str(cfg.adapter.from_peft)).expanduser().resolve()
+    if wraps_backbone(cfg) and not _names_modules_under(folder, BACKBONE):
+        native = native_model(cfg, network.net.backbone, network.net.head)
+        import_peft(native, folder)
+        load_adapter_state_dict(network.net, move_adapter_state(adapter_state_dict(native), to_native=False))
+    else:
+        import_peft(network.net, folder)
+    meta = adapter_meta(network.net)
+    source = {"path": str(folder)}
+    for key, name in (("adapter_config_sha256", "adapter_config.json"), ("weights_sha256", "adapter_model.safetensors"),
+                      ("weights_sha256", "adapter_model.bin")):
+        if (folder / name).is_file() and key not in source:
+            source[key] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    import json
+    source["peft_type"] = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    return {"method": meta["method"], "r": meta["options"].get("r"), "budget": None, "budget_match": None,
+            "budget_summary": None, "source": source}
+
+
+def _names_modules_under(folder, prefix: str) -> bool:
+    """Whether the PEFT adapter in ``folder`` adapts modules named ``prefix...`` (its tensor keys read
+    ``base_model.model.<prefix>...``)."""
+    from pathlib import Path
+    f = Path(folder) / "adapter_model.safetensors"
+    if f.is_file():
+        from safetensors import safe_open
+        with safe_open(str(f), framework="pt") as h:
+            keys = list(h.keys())
+    else:
+        import torch
+        keys = list(torch.load(str(Path(folder) / "adapter_model.bin"), map_location="cpu", weights_only=True))
+    return any(k.startswith("base_model.model." + prefix) for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------- task
@@ -145,6 +195,54 @@ class ParameterCounts:
         """The per-layer table (parameters.txt); empty for full fine-tuning."""
         net = self.task.net
         return format_parameter_table(net) if adapted_layers(net) else ""
+
+
+# ------------------------------------------------------------------------------------ low-rank error
+LOWRANK_AUTO_COST = 1e11  # lowrank_error=auto: on when sum over layers of out * in * min(out, in) is at most this
+
+
+def lowrank_wanted(cfg, net) -> bool:
+    """Whether the run records ``lowrank`` in results.json (``lowrank_error``: true / false / auto). auto: for
+    an adapter whose float64 SVDs cost at most :data:`LOWRANK_AUTO_COST` (ViT-B/16 or CLIP ViT-B size: seconds
+    on a CPU; a 7-8B LLM's take minutes: off), and never under FSDP (each rank holds shards)."""
+    mode = cfg.get("lowrank_error", "auto")
+    layers = adapted_layers(net)
+    if mode is False or not layers:
+        return False
+    if mode is True:
+        return True
+    if cfg.trainer.get("strategy") == "fsdp":
+        return False
+    cost = 0.0
+    for _, layer in layers:
+        o, i = layer.update.out_features, layer.update.in_features
+        cost += float(o) * i * min(o, i)
+    return cost <= LOWRANK_AUTO_COST
+
+
+def lowrank_summary(net, lora_rank) -> dict | None:
+    """The cost of truncating the trained update to the rank of the LoRA with the same parameter count
+    ("full rank matters"): k = floor(LoRA-equivalent rank) (at least 1), per layer the relative Frobenius
+    error ||dW - dW_k||_F / ||dW||_F of the best rank-k approximation (``randlora.adapters.truncation`` on
+    the float64 singular values), their mean, max and the error over all layers stacked, and the mean of the
+    smallest rank per layer keeping 99 % of ||dW||_F^2. None without a LoRA-equivalent rank."""
+    from ..adapters import delta_spectra, rank_for_energy, truncation
+    if lora_rank is None or not math.isfinite(float(lora_rank)):
+        return None
+    k = max(1, int(math.floor(float(lora_rank) + 1e-9)))
+    spectra = delta_spectra(net)
+    layers, tails, totals, r99 = {}, 0.0, 0.0, []
+    for name, s in spectra.items():
+        err, _ = truncation(s, k)
+        layers[name] = err
+        sq = float((s.double() ** 2).sum())
+        totals += sq
+        tails += (err ** 2) * sq
+        r99.append(rank_for_energy(s, 0.99))
+    errors = list(layers.values())
+    return {"rank": k, "overall_rel_error": math.sqrt(tails / totals) if totals else 0.0,
+            "mean_rel_error": sum(errors) / len(errors), "max_rel_error": max(errors),
+            "rank99_mean": sum(r99) / len(r99), "layers": layers}
 
 
 # -------------------------------------------------------------------------------------------- compile

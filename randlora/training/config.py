@@ -27,7 +27,7 @@ SOURCES = ("digits", "synthetic", "hf", "imagefolder", "torchvision", "ucf101_mi
 FAMILIES = ("timm", "open_clip", "hf_causal_lm")
 TASKS = ("classification", "clip", "causal_lm")
 FRAMEWORK_KEYS = {"method", "budget", "budget_tolerance", "scaling", "lr", "lr_by_task", "weight_decay",
-                  "target_modules", "trainable_modules", "name"}  # adapter keys that are not inject() options
+                  "target_modules", "trainable_modules", "name", "from_peft"}  # adapter keys that are not inject() options
 # keys the code reads that no shipped YAML file sets (randlora/train.py build_datamodule: the model's
 # normalisation, e.g. for a local timm checkpoint with its own mean / std)
 EXTRA_KEYS = {"model": {"mean", "std"}}
@@ -211,7 +211,7 @@ def validate_config(cfg, deep: bool = True) -> None:
     _check_logger(cfg)
     _check_compile(cfg)
     _check_fsdp(cfg)
-    if deep:
+    if deep and a.get("from_peft") is None:  # an imported PEFT adapter brings its own targets and ranks
         check_targets_on_meta(cfg, method, opts, a)
         if cfg.trainer.get("strategy") == "fsdp":
             check_fsdp_blocks(cfg)
@@ -230,6 +230,13 @@ def _check_run(cfg) -> None:
     if cfg.get("resume") and not cfg.get("train", True):
         raise ValueError(f"train=false with resume={cfg.resume} would write an evaluation over that run's results; "
                          f"to evaluate a run, use ckpt_path={cfg.resume}/checkpoints/last.ckpt (a new run folder)")
+    low = cfg.get("lowrank_error", "auto")
+    if low not in (True, False, "auto"):
+        raise ValueError(f"lowrank_error={low!r}; choose auto, true or false")
+    if low is True and cfg.trainer.get("strategy") == "fsdp":
+        raise ValueError("lowrank_error=true is not supported with trainer.strategy=fsdp (each rank holds shards of "
+                         "the weights); use lowrank_error=auto or false, or compute it afterwards with "
+                         "python -m randlora.export <run> --format lora --rank k")
     metric = cfg.get("optimized_metric")
     if metric is not None and not (isinstance(metric, str) and metric):
         raise ValueError(f"optimized_metric={metric!r} must be a metric name (e.g. val/acc) or null")
@@ -256,10 +263,36 @@ def _check_adapter(cfg):
             raise ValueError("adapter.budget is meaningless for full fine-tuning (every parameter trains); drop it")
         if not (_num(budget) and budget > 0):
             raise ValueError(f"adapter.budget={budget!r} must be a positive number of parameters (e.g. 1e6)")
+    if a.get("from_peft") is not None:
+        _check_from_peft(cfg, a)
     tm = a.get("target_modules")
     if tm is not None and not isinstance(tm, str) and len(tm) == 0:
         raise ValueError("adapter.target_modules=[] adapts nothing; use null for the model's default targets")
     return method, opts, a
+
+
+def _check_from_peft(cfg, a: dict) -> None:
+    """``adapter.from_peft=<folder>``: evaluate a PEFT adapter (imported, not trained) on the run's model and
+    data."""
+    folder = a["from_peft"]
+    if cfg.get("train"):
+        raise ValueError(f"adapter.from_peft={folder} evaluates that PEFT adapter as it is; add train=false (training "
+                         "an imported adapter further is not supported: train it in PEFT, or train our own adapter)")
+    if cfg.get("ckpt_path") or cfg.get("resume"):
+        raise ValueError(f"adapter.from_peft={folder} with a checkpoint (ckpt_path / resume) would evaluate the "
+                         "checkpoint's tensors, not the PEFT adapter; drop one of them")
+    for key in ("budget", "target_modules"):
+        if a.get(key) is not None:
+            raise ValueError(f"adapter.{key}={a[key]!r} has no meaning with adapter.from_peft (the PEFT adapter "
+                             f"brings its own layers and ranks); drop adapter.{key}")
+    p = Path(str(folder)).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"adapter.from_peft={folder} is not a folder; give the folder PEFT's save_pretrained wrote "
+                         "(adapter_config.json + adapter_model.safetensors)")
+    if not (p / "adapter_config.json").is_file() or not any((p / n).is_file() for n in
+                                                            ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"adapter.from_peft={folder} is not a PEFT adapter folder (it needs adapter_config.json and "
+                         "adapter_model.safetensors or adapter_model.bin)")
 
 
 def _check_model(cfg) -> None:

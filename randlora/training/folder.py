@@ -28,14 +28,15 @@ from pathlib import Path
 
 # ------------------------------------------------------------------------------- classification
 # Keys a resumed run takes from this attempt, never from the record: what the attempt is.
-ATTEMPT = ("resume", "ckpt_path", "train", "test", "paths", "callbacks.kill_at_step")
+ATTEMPT = ("resume", "ckpt_path", "train", "test", "paths", "callbacks.kill_at_step", "adapter.from_peft")
 # Keys that may change between attempts of one run: where and how it runs, what it logs. The base
 # weights and the dataset may move (model.pretrained, data.path): their fingerprints are checked.
 # Precision is not here: it changes the numbers a run computes.
 INFRA = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
          "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.deterministic",
          "trainer.num_sanity_val_steps", "data.num_workers", "data.path", "model.pretrained", "adapter.path",
-         "compile", "logger", "callbacks", "tags", "group", "optimized_metric", "task_name")
+         "compile", "logger", "callbacks", "tags", "group", "optimized_metric", "task_name",
+         "lowrank_error")
 # config groups whose choice only selects infrastructure (their computation keys are still compared)
 INFRA_GROUPS = ("trainer", "logger", "callbacks", "paths", "hydra")
 
