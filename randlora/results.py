@@ -222,8 +222,17 @@ BUDGET_MATCH = F("budget_match", "object", "present when `adapter.budget` was gi
                      F("knob", "string", "the option matched: r (NoLA: k)"),
                      F("rank_counts", "object", "{value of the knob: layers}, most common first", values="integer"),
                      F("ranks", "object", "{layer: value of the knob} for every target", values="integer"),
-                     F("warnings", "array", "degenerate regimes (also issued as BudgetWarning)", items="string"),
+                     F("warnings", "array", "degenerate regimes (also issued as BudgetWarning or its subclass "
+                       "ScalingWarning; each is also in `adapter_warnings`)", items="string"),
                  ))
+
+ADAPTER_WARNINGS = F("adapter_warnings", "array", "present when the adapter was built in a regime where a comparison "
+                     "measures something else than the method (`randlora.adapters`: BudgetWarning for a budget's "
+                     "degenerate regimes, ScalingWarning for a scaling far from the method's convention, with or "
+                     "without a budget; docs/budgets.md §3); also printed to stderr", when="sometimes", items=(
+                         F("category", "string", "the warning class: BudgetWarning | ScalingWarning"),
+                         F("message", "string", "what is being compared, and what to set instead"),
+                     ))
 
 PACKAGES = ("python", "torch", "torchvision", "lightning", "timm", "open_clip", "transformers", "peft", "datasets",
             "hydra", "numpy", "randlora")
@@ -272,6 +281,7 @@ SCHEMA: tuple[Field, ...] = (
       "for methods without", when="completed"),
     PROVENANCE,
     BUDGET_MATCH,
+    ADAPTER_WARNINGS,
     EXIT,
 )
 
