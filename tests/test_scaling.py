@@ -176,3 +176,19 @@ def test_framework_records_the_warnings(vit):
     assert not [e for e in rf.check(rec) if "adapter_warnings" in e or "budget_match" in e]
     bad = {**rec, "adapter_warnings": [{"category": "BudgetWarning"}]}
     assert [e for e in rf.check(bad) if "adapter_warnings" in e]
+
+
+def test_config_check_matches_with_the_runs_tolerance_and_stays_quiet():
+    """The meta-device config check matches the budget as the run will (``adapter.budget_tolerance``,
+    ``adapter.scaling``) and leaves the warnings to the run, which prints and records them once."""
+    from randlora.training.config import validate_config
+    with pytest.raises(ValueError, match="below the smallest lora adapter"):  # 3,584 is +3.9 %
+        validate_config(compose_cfg(["adapter=lora", "adapter.budget=3450"]))
+    validate_config(compose_cfg(["adapter=lora", "adapter.budget=3450", "adapter.budget_tolerance=0.05"]))
+    with pytest.raises(ValueError, match="give alpha or scaling, not both"):
+        validate_config(compose_cfg(["adapter=randlora", "adapter.budget=4e4", "adapter.scaling=1.5"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)
+        validate_config(compose_cfg(["adapter=vera", "adapter.budget=5e3", "adapter.alpha=1"]))
+        validate_config(compose_cfg(["adapter=randlora", "adapter.budget=4e4", "adapter.alpha=null",
+                                     "adapter.scaling=1.5"]))
