@@ -192,3 +192,18 @@ def test_config_check_matches_with_the_runs_tolerance_and_stays_quiet():
         validate_config(compose_cfg(["adapter=vera", "adapter.budget=5e3", "adapter.alpha=1"]))
         validate_config(compose_cfg(["adapter=randlora", "adapter.budget=4e4", "adapter.alpha=null",
                                      "adapter.scaling=1.5"]))
+
+
+@pytest.mark.integration  # runs the training pipeline (one batch)
+def test_a_run_records_and_prints_its_warnings_once(tmp_path, capsys):
+    """A VeRA run at the old alpha = 1 (no budget): results.json has the ScalingWarning in ``adapter_warnings``
+    and the record passes the schema; stderr has it once."""
+    from randlora import results as rf
+    from randlora.train import run
+    res = run(compose_cfg(["model=tiny_vit", "adapter=vera", "adapter.r=256", "adapter.alpha=1", "trainer=cpu",
+                           "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                           "trainer.limit_test_batches=1"], tmp_path))
+    assert [w["category"] for w in res["adapter_warnings"]] == ["ScalingWarning"]
+    assert "256x smaller than VeRA's own" in res["adapter_warnings"][0]["message"]
+    assert "budget_match" not in res and not rf.check(res)
+    assert capsys.readouterr().err.count("256x smaller than VeRA's own") == 1
