@@ -222,7 +222,8 @@ BUDGET_MATCH = F("budget_match", "object", "present when `adapter.budget` was gi
                      F("knob", "string", "the option matched: r (NoLA: k)"),
                      F("rank_counts", "object", "{value of the knob: layers}, most common first", values="integer"),
                      F("ranks", "object", "{layer: value of the knob} for every target", values="integer"),
-                     F("warnings", "array", "degenerate regimes (also issued as BudgetWarning)", items="string"),
+                     F("warnings", "array", "degenerate regimes (also issued as BudgetWarning or its subclass "
+                       "ScalingWarning; each is also in `adapter_warnings`)", items="string"),
                  ))
 
 LOWRANK = F("lowrank", "object", "\"full rank matters\": the trained update truncated to the rank of the LoRA with the "
@@ -248,6 +249,13 @@ ADAPTER_SOURCE = F("adapter_source", "object", "present when `adapter.from_peft`
                        F("weights_sha256", "string", "SHA-256 of its adapter_model.safetensors (or .bin)"),
                        F("peft_type", "string|null", "`peft_type` of adapter_config.json (LORA, VERA, RANDLORA)"),
                    ))
+ADAPTER_WARNINGS = F("adapter_warnings", "array", "present when the adapter was built in a regime where a comparison "
+                     "measures something else than the method (`randlora.adapters`: BudgetWarning for a budget's "
+                     "degenerate regimes, ScalingWarning for a scaling far from the method's convention, with or "
+                     "without a budget; docs/budgets.md §3); also printed to stderr", when="sometimes", items=(
+                         F("category", "string", "the warning class: BudgetWarning | ScalingWarning"),
+                         F("message", "string", "what is being compared, and what to set instead"),
+                     ))
 
 PACKAGES = ("python", "torch", "torchvision", "lightning", "timm", "open_clip", "transformers", "peft", "datasets",
             "hydra", "numpy", "randlora")
@@ -298,6 +306,7 @@ SCHEMA: tuple[Field, ...] = (
     PROVENANCE,
     BUDGET_MATCH,
     ADAPTER_SOURCE,
+    ADAPTER_WARNINGS,
     EXIT,
 )
 

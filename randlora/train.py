@@ -116,10 +116,11 @@ def run(cfg: DictConfig) -> dict:
         results["compile"] = compile_task(cfg, task, verbose=rank0)
 
         match = adapter["budget_match"]
-        if match and rank0:  # the achieved count and the rank mix, and what a degenerate match compares
+        if match and rank0:  # the achieved count and the rank mix
             print(f"[randlora] budget: {adapter['budget_summary']}", flush=True)
-            for w in match["warnings"]:
-                print(f"[randlora] budget warning: {w}", file=sys.stderr, flush=True)
+        if rank0:  # what a degenerate budget or scaling compares, and what to set instead
+            for w in adapter["warnings"]:
+                print(f"[randlora] {w['category']}: {w['message']}", file=sys.stderr, flush=True)
         results.update(r=adapter["r"], params=counts.summary(), identity=identity,
                        data=data.sampling_summary() if hasattr(data, "sampling_summary") else {},
                        attempts=rf.attempts_before(rf.read_results(results_path) if continuing else None) + [attempt],
@@ -128,6 +129,8 @@ def run(cfg: DictConfig) -> dict:
             results["budget_match"] = match
         if adapter.get("source"):  # adapter.from_peft: the imported adapter's method, and where it came from
             results.update(method=adapter["method"], adapter_source=adapter["source"])
+        if adapter["warnings"]:
+            results["adapter_warnings"] = adapter["warnings"]
         started = True
         if rank0:
             out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ bases), one file per method (``lora.py``, ``dora.py``, ``vera.py``, ``randlora.p
 PEFT adapter format, conventions translated), ``lowrank.py`` (``to_lora``: any update as a rank-k LoRA by
 truncated SVD, with the error per layer).
 """
-from .counting import (BudgetMatch, BudgetWarning, count_total, count_trainable, format_parameter_table,
-                       lora_equivalent_rank, match_budget, parameter_table)
+from .counting import (BudgetMatch, BudgetWarning, ScalingWarning, count_total, count_trainable,
+                       format_parameter_table, lora_equivalent_rank, match_budget, parameter_table, scaling_warnings)
 from .inject import (adapted_layers, adapter_meta, bases_checksum, check_rank, compute_paths, format_paths, inject, is_adapted,
                      merge, shared_bases, unload, unmerge)
 from .lowrank import (LayerTruncation, delta_spectra, format_truncation, overall_error, rank_for_energy, to_lora,
@@ -25,11 +25,12 @@ from .registry import DEFAULTS, FUNCTION_OPTIONS, METHODS, REGISTRY, get_method,
 from .state import adapter_state_dict, diff_meta, load_adapter, load_adapter_state_dict, save_adapter
 from .targets import adaptable_modules, clean_name, find_targets
 
-__all__ = ["BudgetMatch", "BudgetWarning", "DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "PEFT_VERSION", "REGISTRY",
+__all__ = ["BudgetMatch", "BudgetWarning", "ScalingWarning", "DEFAULTS", "FUNCTION_OPTIONS", "METHODS", "PEFT_VERSION", "REGISTRY",
            "LayerTruncation", "adaptable_modules", "adapted_layers", "adapter_meta", "adapter_state_dict", "bases_checksum",
            "check_rank",
            "clean_name", "compute_paths", "count_total", "count_trainable", "delta_spectra", "diff_meta", "export_peft",
            "find_targets", "format_parameter_table", "format_paths", "format_truncation", "get_method", "import_peft",
            "inject", "is_adapted", "load_adapter", "load_adapter_state_dict", "lora_equivalent_rank",
            "match_budget", "merge", "num_bases", "overall_error", "parameter_table", "peft_state", "rank_for_energy",
-           "resolve_options", "save_adapter", "shared_bases", "to_lora", "truncation", "unload", "unmerge"]
+           "resolve_options", "save_adapter", "scaling_warnings", "shared_bases", "to_lora", "truncation", "unload",
+           "unmerge"]

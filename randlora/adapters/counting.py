@@ -79,6 +79,16 @@ class BudgetWarning(UserWarning):
     seems (RandLoRA at r = 1, VeRA beyond full rank, an adapter larger than the weights it adapts)."""
 
 
+class ScalingWarning(BudgetWarning):
+    """The adapter's scaling s = alpha / r at its rank puts the update per step far from the method's
+    own convention, so a comparison measures the scaling rather than the method: VeRA with s < 0.1 on its
+    Kaiming-scaled bases (the update is 1 / s times smaller than VeRA's own; at alpha = 1 and r = 246 the
+    digits run equals training the head alone), RandLoRA matched to r = 1 with a fixed alpha (s = alpha,
+    r times what that alpha gives at rank r; on the digits ViT the update reached 3.6x the weights).
+    ``match_budget`` issues it with the other regimes (it is a ``BudgetWarning``); ``scaling_warnings``
+    gives the messages for a rank set directly (no budget)."""
+
+
 @dataclass(frozen=True, eq=False)
 class BudgetMatch(Mapping):
     """What ``match_budget`` chose. As a mapping it is exactly ``inject``'s keyword arguments::
@@ -90,7 +100,8 @@ class BudgetMatch(Mapping):
     ``layer_options`` when some layers take the neighbouring value); ``trainable``: the adapter
     parameters they give on the targets; ``deviation``: (trainable - budget) / budget;
     ``ranks``: {layer: knob value} for every target; ``warnings``: the degenerate-regime
-    messages (also issued as ``BudgetWarning``)."""
+    messages (also issued as ``BudgetWarning`` or its subclass ``ScalingWarning``, named in
+    ``warning_categories``)."""
 
     method: str
     budget: float
@@ -100,6 +111,8 @@ class BudgetMatch(Mapping):
     options: dict
     ranks: dict
     warnings: tuple = ()
+    # the warning class of each message of ``warnings``, by name ("BudgetWarning" | "ScalingWarning")
+    warning_categories: tuple = ()
 
     def __getitem__(self, key):
         return self.options[key]
@@ -207,49 +220,68 @@ def _spread(size: int, k: int, phase: float) -> list[int]:
     return [int(math.floor((j + phase) * size / k)) for j in range(k)]
 
 
-def _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=True) -> list[str]:
-    """Messages for the regimes where matching parameters compares something unexpected."""
+def _vera_scaling_message(o, r) -> str:
+    return (f"vera scaling alpha / r = {o.alpha:g} / {r} = {o.scaling:.3g}: the shared bases are Kaiming-"
+            f"scaled, so B diag(d) A has the same size for every r and this update is {1 / o.scaling:.0f}x "
+            f"smaller than VeRA's own (scaling 1; the RandLoRA paper's 1 / r goes with unit-variance "
+            f"bases); at budgets that raise r it shrinks further (see docs/budgets.md: on the digits ViT "
+            f"such a run equals training the head alone). Leave alpha unset for scaling 1")
+
+
+def scaling_warnings(method: str, options: dict) -> list[str]:
+    """The ``ScalingWarning`` messages of an adapter whose rank was set directly (``inject``'s options):
+    VeRA with scaling alpha / r below ``VERA_SMALL_SCALING``. (``match_budget`` gives these and the
+    budget-specific ones, such as RandLoRA matched to r = 1 with a fixed alpha, in ``BudgetMatch.warnings``.)"""
+    if method != "vera":
+        return []
+    o = get_method(method).resolve({k: v for k, v in options.items() if k not in COMMON})
+    return [_vera_scaling_message(o, o.r)] if o.scaling < VERA_SMALL_SCALING else []
+
+
+def _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=True) -> list[tuple[type, str]]:
+    """(warning class, message) for the regimes where matching parameters compares something unexpected."""
     out = []
     big = [t for t, c in zip(targets, counts) if c >= t.out_features * t.in_features]
     if big:
         t = big[0]
-        out.append(f"{method}: {len(big)} of {len(targets)} layers train at least as many adapter parameters as "
-                   f"their weight has (e.g. {t.name}: {counts[targets.index(t)]:,} >= {t.out_features} x "
-                   f"{t.in_features}); at this budget the comparison is with full fine-tuning, not a parameter-"
-                   f"efficient regime")
+        out.append((BudgetWarning,
+                    f"{method}: {len(big)} of {len(targets)} layers train at least as many adapter parameters as "
+                    f"their weight has (e.g. {t.name}: {counts[targets.index(t)]:,} >= {t.out_features} x "
+                    f"{t.in_features}); at this budget the comparison is with full fine-tuning, not a parameter-"
+                    f"efficient regime"))
     if method == "randlora":
         ones = [t.name for t in targets if ranks[t.name] == 1]
         if ones:
             msg = (f"randlora at r=1 on {len(ones)} of {len(targets)} layers (e.g. {ones[0]}): n = min(out, in) "
                    f"rank-1 bases per layer, each lambda_j a single number redundant with gamma_j")
             a = opts_at(1).alpha
+            kind = BudgetWarning
             if fixed_alpha and a != opts_at(2).alpha / 2:
+                kind = ScalingWarning
                 msg += (f"; the scaling alpha / r = {a:g} is r times what alpha={a:g} gives at rank r, and the update "
                         f"per step grows with it (docs/budgets.md: on the digits ViT the update reached 3.6x the "
                         f"weights and accuracy collapsed at alpha=10); pass scaling= (e.g. the paper's 10 / 6) to "
                         f"keep alpha / r fixed across budgets, or lower the budget for r >= 2")
-            out.append(msg)
+            out.append((kind, msg))
     if method == "vera":
         r = next(iter(ranks.values()))
         o = opts_at(r)
         cap = max(min(t.out_features, t.in_features) for t in targets)
         if r > cap:
-            out.append(f"vera r={r} exceeds min(out, in) of every target (at most {cap}): dW = s diag(b) B diag(d) A "
-                       f"has rank <= min(out, in) whatever r, so this budget buys {r - cap} more entries of d per "
-                       f"layer, not rank")
+            out.append((BudgetWarning,
+                        f"vera r={r} exceeds min(out, in) of every target (at most {cap}): dW = s diag(b) B diag(d) A "
+                        f"has rank <= min(out, in) whatever r, so this budget buys {r - cap} more entries of d per "
+                        f"layer, not rank: a VeRA curve over such budgets is expected to be flat"))
         if o.scaling < VERA_SMALL_SCALING:
-            out.append(f"vera scaling alpha / r = {o.alpha:g} / {r} = {o.scaling:.3g}: the shared bases are Kaiming-"
-                       f"scaled, so B diag(d) A has the same size for every r and this update is {1 / o.scaling:.0f}x "
-                       f"smaller than VeRA's own (scaling 1; the RandLoRA paper's 1 / r goes with unit-variance "
-                       f"bases); at budgets that raise r it shrinks further (see docs/budgets.md: on the digits ViT "
-                       f"such a run equals training the head alone). Leave alpha unset for scaling 1")
+            out.append((ScalingWarning, _vera_scaling_message(o, r)))
     if method == "nola":
         k = next(iter(ranks.values()))
         o = opts_at(k)
         cap = max(o.r * max(t.out_features, t.in_features) for t in targets)
         if k > cap:
-            out.append(f"nola k={k} exceeds r * max(out, in) = {cap} on every target: k bases of one side span at "
-                       f"most that many dimensions, so the extra coefficients add nothing the others cannot express")
+            out.append((BudgetWarning,
+                        f"nola k={k} exceeds r * max(out, in) = {cap} on every target: k bases of one side span at "
+                        f"most that many dimensions, so the extra coefficients add nothing the others cannot express"))
     return out
 
 
@@ -288,7 +320,7 @@ def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: flo
 
     A budget that none of these meets within ``tolerance`` is refused with the nearest reachable
     counts. Degenerate regimes (``_degenerate``) are returned in ``warnings`` and issued as
-    ``BudgetWarning``.
+    ``BudgetWarning``, those of the scaling as its subclass ``ScalingWarning`` (``warning_categories``).
     """
     if method == "full":
         raise _err("method 'full' trains every parameter and has no rank to match a budget; "
@@ -381,11 +413,12 @@ def match_budget(model: nn.Module, method: str, budget: float, *, tolerance: flo
         result["alpha"] = opts_at(single).alpha
     if layer_opts:
         result["layer_options"] = layer_opts
-    msgs = _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=scaling is None)
-    for m in msgs:
-        warnings.warn(m, BudgetWarning, stacklevel=2)
+    found = _degenerate(spec, method, targets, ranks, opts_at, counts, fixed_alpha=scaling is None)
+    for kind, m in found:
+        warnings.warn(m, kind, stacklevel=2)
     return BudgetMatch(method=method, budget=float(budget), trainable=sum(counts), tolerance=float(tolerance),
-                       knob=knob, options=result, ranks=ranks, warnings=tuple(msgs))
+                       knob=knob, options=result, ranks=ranks, warnings=tuple(m for _, m in found),
+                       warning_categories=tuple(k.__name__ for k, _ in found))
 
 
 def _mix(targets, ra, totals, per_shape, values, budget, slack, method, tolerance, reach_single):

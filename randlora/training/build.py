@@ -17,8 +17,8 @@ import warnings
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..adapters import (BudgetWarning, adapted_layers, count_total, count_trainable, format_parameter_table, inject,
-                        lora_equivalent_rank, match_budget)
+from ..adapters import (BudgetWarning, ScalingWarning, adapted_layers, count_total, count_trainable,
+                        format_parameter_table, inject, lora_equivalent_rank, match_budget, scaling_warnings)
 from ..errors import UserError
 from ..results import budget_record
 from ..tasks import TASKS
@@ -66,7 +66,9 @@ def inject_adapter(network: Network, adapter_cfg) -> dict:
     """Inject the configured adapter into ``network.net`` (the rank picked by ``adapter.budget`` when
     set: ``match_budget`` reaches it within ``adapter.budget_tolerance`` by mixing neighbouring ranks);
     return what was injected: method, r, the budget and, when matched, the match's record for results.json
-    (``results.budget_record``: achieved count, deviation, per-layer ranks, warnings) and its log line."""
+    (``results.budget_record``: achieved count, deviation, per-layer ranks, warnings) and its log line, and
+    ``warnings``: [{category, message}] of the degenerate regimes (the match's; for a rank set directly,
+    ``scaling_warnings``), for results.json ``adapter_warnings`` (printed once by the caller)."""
     a = _plain(adapter_cfg)
     method, kw = adapter_kwargs(a, network.targets, network.trainable_modules)
     budget = a.get("budget")
@@ -80,10 +82,15 @@ def inject_adapter(network: Network, adapter_cfg) -> dict:
             match = match_budget(network.net, method, float(budget), **extra,
                                  **{k: v for k, v in kw.items() if k != "r"})
         kw = dict(match)
+        found = [{"category": c, "message": m} for c, m in zip(match.warning_categories, match.warnings)]
+    elif method != "full":
+        found = [{"category": ScalingWarning.__name__, "message": m} for m in scaling_warnings(method, kw)]
+    else:
+        found = []
     inject(network.net, method, **kw)
     return {"method": method, "r": kw.get("r"), "budget": None if budget is None else float(budget),
             "budget_match": None if match is None else budget_record(match),
-            "budget_summary": None if match is None else match.summary()}
+            "budget_summary": None if match is None else match.summary(), "warnings": found}
 
 
 def adapt(cfg, bundle, data) -> tuple[Network, dict]:
@@ -127,7 +134,7 @@ def import_peft_adapter(cfg, network: Network) -> dict:
     import json
     source["peft_type"] = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
     return {"method": meta["method"], "r": meta["options"].get("r"), "budget": None, "budget_match": None,
-            "budget_summary": None, "source": source}
+            "budget_summary": None, "warnings": [], "source": source}
 
 
 def _names_modules_under(folder, prefix: str) -> bool:

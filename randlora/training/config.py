@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
@@ -606,7 +607,7 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
     """Targets, rank and budget against the architecture built on the meta device (no weights)."""
     if method == "full":
         return
-    from ..adapters import check_rank, find_targets, match_budget
+    from ..adapters import BudgetWarning, check_rank, find_targets, match_budget
     from ..models import meta_backbone
     model = meta_backbone(cfg.model)
     if model is None:
@@ -615,8 +616,13 @@ def check_targets_on_meta(cfg, method, opts, a) -> None:
     try:
         found = find_targets(model, targets)
         if a.get("budget") is not None:
-            match_budget(model, method, float(a["budget"]), target_modules=targets,
-                         **{k: v for k, v in opts.items() if k != "r"})
+            extra = {"tolerance": float(a["budget_tolerance"])} if a.get("budget_tolerance") is not None else {}
+            if a.get("scaling") is not None:
+                extra["scaling"] = float(a["scaling"])
+            with warnings.catch_warnings():  # recorded and printed once when the adapter is built
+                warnings.simplefilter("ignore", BudgetWarning)
+                match_budget(model, method, float(a["budget"]), target_modules=targets, **extra,
+                             **{k: v for k, v in opts.items() if k != "r"})
         else:
             full_opts = resolve_options(method, opts)
             check_rank(method, full_opts, found)
