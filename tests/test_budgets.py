@@ -15,23 +15,16 @@ import torch
 from randlora.adapters import (BudgetMatch, BudgetWarning, adapted_layers, count_trainable, find_targets, inject,
                                match_budget, parameter_table)
 from tests.conftest import TinyNet
+from tests.tiny_models import VIT_TARGETS, budget_vit
 
-VIT_TARGETS = ["qkv", "fc1", "fc2"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 CLIP_TARGETS = ["attn", "c_fc", "c_proj"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_vit():
-    import timm
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
-                             num_classes=0)
-
-
 @pytest.fixture(scope="module")
 def vit():
-    return tiny_vit()
+    return budget_vit()
 
 
 @pytest.fixture(scope="module")

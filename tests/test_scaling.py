@@ -19,14 +19,14 @@ import torch
 from randlora.adapters import (BudgetWarning, ScalingWarning, adapted_layers, inject, match_budget,
                                scaling_warnings)
 from tests.helpers import compose_cfg
-from tests.test_budgets import VIT_TARGETS, tiny_vit
+from tests.tiny_models import VIT_TARGETS, budget_vit
 
 SWEEP_BUDGETS = (5e3, 1e4, 2e4)  # configs/sweep/budget_sweep.yaml
 
 
 @pytest.fixture(scope="module")
 def vit():
-    return tiny_vit()
+    return budget_vit()
 
 
 @pytest.fixture(scope="module")

@@ -33,3 +33,14 @@ def tiny_phi3():
     cfg = Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, vocab_size=64, max_position_embeddings=32, pad_token_id=0)
     return Phi3ForCausalLM(cfg)
+
+
+VIT_TARGETS = ["qkv", "fc1", "fc2"]
+
+
+def budget_vit():
+    """The budget tests' ViT: width 64, depth 4, 32 px (the tiny ViT of configs/model/tiny_vit.yaml's shapes)."""
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                             num_classes=0)
