@@ -159,3 +159,18 @@ def download_hint(repo_id: str, files: list[str] | None = None, repo_type: str =
     kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
     return (f"on a machine with network run `hf download{kind} {what}` and copy its cache folder "
             f"({hub_cache_dir()}) here (or set HF_HUB_CACHE to a copy)")
+
+
+def weights_file(what: str, cached: str | None, download, fix: str, hub: HubStatus) -> str:
+    """The local file of a library's named weights: ``cached`` when the cache has it, else ``download()``
+    when the hub answers, else one SourceUnavailableError saying what is missing and ``fix``."""
+    from .errors import SourceUnavailableError, short_error
+    if cached:
+        return cached
+    if not hub.online:
+        raise SourceUnavailableError(f"{what} are not in the local cache and the hub is unreachable ({hub.reason}): "
+                                     + fix)
+    try:
+        return download()
+    except Exception as e:  # noqa: BLE001 - any download failure: one line with the fix
+        raise SourceUnavailableError(f"could not download {what} ({short_error(e)}): " + fix) from None

@@ -226,3 +226,24 @@ def test_a_missing_local_file_is_reported_whatever_the_hub(tmp_path, hub):
                                    "data=digits"]))
     assert "does not exist" in str(e.value)
     check_sources(compose_cfg(["model=tiny_vit_digits", "data=digits"]))  # the shipped file: nothing missing
+
+
+def test_weights_file_cache_download_or_one_line():
+    """The one rule both tag resolvers (open_clip, timm) follow: cache first, a download only when the hub
+    answers, any failure one line with the fix."""
+    from randlora.hub import HubStatus, weights_file
+    calls = []
+    online, offline = HubStatus(online=True), HubStatus(online=False, reason="HF_HUB_OFFLINE=1")
+    assert weights_file("w", "/cache/f", lambda: calls.append(1), "fix", offline) == "/cache/f" and calls == []
+    assert weights_file("w", None, lambda: "/downloaded", "fix", online) == "/downloaded"
+    with pytest.raises(SourceUnavailableError, match=r"^w are not in the local cache and the hub is unreachable "
+                                                     r"\(HF_HUB_OFFLINE=1\): fix$"):
+        weights_file("w", None, lambda: calls.append(1), "fix", offline)
+    assert calls == []
+
+    def broken():
+        raise OSError("connection reset\nby peer")
+    with pytest.raises(SourceUnavailableError) as e:
+        weights_file("w", None, broken, "fix", online)
+    assert str(e.value).startswith("could not download w (") and str(e.value).endswith("): fix")
+    assert "\n" not in str(e.value)

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from ..hub import weights_file
 from . import CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file
 
 
@@ -115,18 +116,10 @@ def source_problems(cfg, hub) -> list[str]:
 
 def resolve_tag(arch: str, tag: str, hub) -> str:
     """The local file of a tag's weights: from the cache, else downloaded (hub reachable), else an error."""
-    path = cached_tag_file(arch, tag)
-    if path:
-        return path
-    what = f"open_clip weights {arch}/{tag}"
-    if not hub.online:
-        raise SourceUnavailableError(f"{what} are not in the local cache and the hub is unreachable ({hub.reason}): "
-                                     + _tag_fix(arch, tag))
-    import open_clip
-    try:
+    def download():
+        import open_clip
         return open_clip.download_pretrained(tag_config(arch, tag))
-    except Exception as e:
-        raise SourceUnavailableError(f"could not download {what} ({short_error(e)}): " + _tag_fix(arch, tag)) from None
+    return weights_file(f"open_clip weights {arch}/{tag}", cached_tag_file(arch, tag), download, _tag_fix(arch, tag), hub)
 
 
 @contextlib.contextmanager

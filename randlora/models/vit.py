@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from ..hub import weights_file
 from . import CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file
 
 
@@ -100,15 +101,9 @@ def source_problems(cfg, hub) -> list[str]:
 
 
 def resolve_tag(arch: str, tag: str, hub) -> str:
-    path = cached_tag_file(arch, tag)
-    if path:
-        return path
-    what = f"timm weights {arch}.{tag}"
-    if not hub.online:
-        raise SourceUnavailableError(f"{what} are not in the local cache and the hub is unreachable ({hub.reason}): "
-                                     + _tag_fix(arch, tag))
-    files = tag_files(arch, tag)
-    try:
+    """The local file of a tag's weights: from the cache, else downloaded (hub reachable), else an error."""
+    def download():
+        files = tag_files(arch, tag)
         if files:
             from huggingface_hub import hf_hub_download
             last = None
@@ -122,8 +117,7 @@ def resolve_tag(arch: str, tag: str, hub) -> str:
         url = tag_config(arch, tag)["url"]
         torch.hub.download_url_to_file(url, _url_cache_path(url))
         return _url_cache_path(url)
-    except Exception as e:
-        raise SourceUnavailableError(f"could not download {what} ({short_error(e)}): " + _tag_fix(arch, tag)) from None
+    return weights_file(f"timm weights {arch}.{tag}", cached_tag_file(arch, tag), download, _tag_fix(arch, tag), hub)
 
 
 def load_into_architecture(arch: str, tag: str | None, state: dict, kwargs: dict, what: str, source: str):
