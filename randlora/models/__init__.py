@@ -69,6 +69,15 @@ def sniff_weights_file(path, what: str) -> None:
                                      "state dict saved with safetensors.torch.save_file or torch.save>")
 
 
+def weights_file_problems(path, what: str) -> list[str]:
+    """``sniff_weights_file``'s refusal as a preflight problem list ([] for a readable weights file)."""
+    try:
+        sniff_weights_file(path, what)
+    except SourceUnavailableError as e:
+        return [str(e)]
+    return []
+
+
 def _weights_file_problem(path: str) -> str | None:
     import zipfile
     if path.endswith(".safetensors"):

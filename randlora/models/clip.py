@@ -26,7 +26,8 @@ import os
 import torch
 
 from ..hub import weights_file
-from . import CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file
+from . import (CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file,
+               weights_file_problems)
 
 
 def tag_config(arch: str, tag: str) -> dict:
@@ -92,11 +93,7 @@ def source_problems(cfg, hub) -> list[str]:
     if not pretrained:
         return []
     if is_local_path(pretrained):
-        try:
-            sniff_weights_file(pretrained, what)
-        except SourceUnavailableError as e:
-            return [str(e)]
-        return []
+        return weights_file_problems(pretrained, what)
     if cfg.get("tiny") or not arch:
         return [f"{what}: model.pretrained={pretrained!r} names no local file (a tiny model reads weights from a file)"]
     import open_clip

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 
 from ..hub import weights_file
-from . import CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file
+from . import (CLIP_MEAN, CLIP_STD, ModelBundle, SourceUnavailableError, is_local_path, short_error, sniff_weights_file,
+               weights_file_problems)
 
 
 def load_state_file(path) -> dict:
@@ -86,11 +87,7 @@ def source_problems(cfg, hub) -> list[str]:
     if pretrained in (None, False, "none"):
         return []
     if is_local_path(pretrained):
-        try:
-            sniff_weights_file(pretrained, what)
-        except SourceUnavailableError as e:
-            return [str(e)]
-        return []
+        return weights_file_problems(pretrained, what)
     tag = _tag(cfg)
     if not tag_config(arch, tag):
         return [f"{what}: {pretrained!r} is neither a local file nor a pretrained tag of timm {arch}"]
