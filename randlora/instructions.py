@@ -105,28 +105,28 @@ def check_template(template: str) -> None:
         raise DataConfigError(f"task.prompt_template={template!r}; choose one of {list(PROMPT_TEMPLATES)}")
 
 
-def train_prompt(record: dict, template: str = "llm_adapters") -> str:
-    """What precedes the record's output in a training sequence. ``llm_adapters``: LLM-Adapters'
-    finetune.py ``generate_prompt`` without the output (its input test is Python truthiness: an empty
-    input selects the no-input template, and the input is used as given)."""
+def _render(record: dict, template: str, with_input: str, no_input: str) -> str:
+    """``alpaca``: prompt_text; ``llm_adapters``: the template with or without the input, chosen by the
+    input's Python truthiness as LLM-Adapters does (the input used as given)."""
     check_template(template)
     if template == "alpaca":
         return prompt_text(record)
     inp = record.get("input")
-    tpl = LLM_ADAPTERS_TRAIN_WITH_INPUT if inp else LLM_ADAPTERS_TRAIN_NO_INPUT
-    return tpl.format(instruction=record["instruction"], input=inp)
+    return (with_input if inp else no_input).format(instruction=record["instruction"], input=inp)
+
+
+def train_prompt(record: dict, template: str = "llm_adapters") -> str:
+    """What precedes the record's output in a training sequence. ``llm_adapters``: LLM-Adapters'
+    finetune.py ``generate_prompt`` without the output (its input test is Python truthiness: an empty
+    input selects the no-input template, and the input is used as given)."""
+    return _render(record, template, LLM_ADAPTERS_TRAIN_WITH_INPUT, LLM_ADAPTERS_TRAIN_NO_INPUT)
 
 
 def eval_prompt(record: dict, template: str = "llm_adapters") -> str:
     """The prompt a model answers at evaluation. ``llm_adapters``: commonsense_evaluate.py's
     ``generate_prompt(instruction, input)``. (That script passes the instruction only; every record of
     the 8 test sets has an empty input, so passing the record's input changes nothing there.)"""
-    check_template(template)
-    if template == "alpaca":
-        return prompt_text(record)
-    inp = record.get("input")
-    tpl = LLM_ADAPTERS_EVAL_WITH_INPUT if inp else LLM_ADAPTERS_EVAL_NO_INPUT
-    return tpl.format(instruction=record["instruction"], input=inp)
+    return _render(record, template, LLM_ADAPTERS_EVAL_WITH_INPUT, LLM_ADAPTERS_EVAL_NO_INPUT)
 
 
 def response_text(decoded: str, extraction: str) -> str:

@@ -69,6 +69,13 @@ def snapshot(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+def assert_unchanged(folder, before: dict) -> None:
+    """Every file of ``folder`` as in ``before`` (a snapshot), the lock file aside."""
+    after = snapshot(folder)
+    after.pop(".lock", None)
+    assert after == {k: v for k, v in before.items() if k != ".lock"}
+
+
 # ------------------------------------------------------------------------------ no code execution
 class Payload:
     """Unpickling this object creates ``marker`` (what a malicious checkpoint would do, harmlessly)."""
@@ -229,10 +236,7 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_and_keep_the_run(halfway, tmp
     with pytest.raises(ValueError) as e:
         run(compose_cfg([*BASE, f"resume={part}"], tmp_path / "x"))
     one_clear_line(e.value, f"checkpoint {ck} is corrupt: tensor", "does not match its checksum")
-    after = snapshot(part)
-    after.pop(".lock", None)
-    before.pop(".lock", None)
-    assert after == before
+    assert_unchanged(part, before)
 
 
 def test_flipped_bytes_in_an_adapter_file_are_refused_old_files_still_load(finished, tmp_path):
@@ -318,10 +322,7 @@ def test_resume_refuses_an_override_that_changes_the_computation(override, named
     with pytest.raises(ValueError) as e:
         run(hydra_job([f"resume={part}", override], tmp_path / "attempt"))
     one_clear_line(e.value, named)
-    after = snapshot(part)
-    after.pop(".lock", None)
-    before.pop(".lock", None)
-    assert after == before
+    assert_unchanged(part, before)
 
 
 def test_an_infrastructure_group_that_changes_the_computation_is_refused(hydra_job, tmp_path):
@@ -355,10 +356,7 @@ def test_resume_outside_hydra_refuses_a_changed_setting_and_another_model_or_dat
         with pytest.raises(ValueError) as e:
             run(compose_cfg([*base, *change, f"resume={part}"], tmp_path / "x"))
         one_clear_line(e.value, named)
-    after = snapshot(part)
-    after.pop(".lock", None)
-    before.pop(".lock", None)
-    assert after == before
+    assert_unchanged(part, before)
 
 
 def test_evaluating_a_checkpoint_on_another_model_or_dataset_is_refused(finished, tmp_path):
