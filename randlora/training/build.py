@@ -158,12 +158,15 @@ def model_network(cfg_model, num_classes: int | None = None, seed: int = 0, task
     """(network, bundle): the network ``adapt`` would adapt for model config ``cfg_model`` under the task
     the config names (``cfg_model.task``), built without a dataset: ``build_model(cfg_model)``, then the
     task's ``network`` (an image classifier gets a linear head over ``num_classes`` classes, initialised
-    from ``seed``). For the benchmarks and experiments, which train what ``train.py`` trains without its
+    from ``seed``). The global RNG is seeded with ``seed`` first (random weights are drawn from it). For the benchmarks and experiments, which train what ``train.py`` trains without its
     data; ``network.targets`` / ``network.trainable_modules`` are the default adapter targets and the
     modules that train in full next to an adapter."""
     from types import SimpleNamespace
 
+    import torch
+
     from ..models import build_model
+    torch.manual_seed(int(seed))  # random weights (pretrained: null) drawn from the seed, as in a seeded job
     bundle = build_model(cfg_model)
     kind = cfg_model.get("task")
     cls = TASKS.get(kind)
