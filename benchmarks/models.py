@@ -145,7 +145,8 @@ def build_llama(size: str = "full", batch: int = 1, layers: int = 1, seq: int = 
         (ids,) = b
         return m(input_ids=ids, labels=ids).loss.float()
 
-    title = (f"LLaMA block stack (transformers {type(model).__name__} as model={cfg.name}, hidden {c.hidden_size}, MLP "
+    route = f"model={cfg.name}" if size == "tiny" else f"model={cfg.name}'s route at LLaMA-3-8B width"
+    title = (f"LLaMA block stack (transformers {type(model).__name__}, {route}, hidden {c.hidden_size}, MLP "
              f"{c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, "
              f"{layers} layer(s), vocab {vocab}), batch {batch} x {seq} tokens")
     targets = list(network.targets)
