@@ -12,6 +12,9 @@
 * ``python -m benchmarks.profile`` / ``benchmarks.probe_fw_memory`` — profiler tables, memory breakdowns.
 * ``bash benchmarks/gpu_session.sh <stage> ...`` — the GPU measurements, in stages of one 10-minute call.
 
+The models are the framework's (``benchmarks/models.py`` builds the shipped model configs through
+``randlora.training.build.model_network``): a benchmark times what ``train.py`` trains.
+
 Current numbers, with the commit and command behind each: ``benchmarks/RESULTS.md``; raw reports:
 ``benchmarks/results/``. The history (earlier sessions, superseded runs, derivations, the applied
 randlora.py patch) is ``benchmarks/ARCHIVE.md``, its superseded raw reports ``benchmarks/results/archive/``.

@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from benchmarks.models import build_clip
-from benchmarks.run import Runner, _shared_copy
+from benchmarks.run import Runner, shared_copy
 from benchmarks.sysinfo import describe, write_report
 from randlora.adapters import compute_paths, format_paths, inject, match_budget
 from randlora.adapters.layers import AdaptedParameter
@@ -32,7 +32,7 @@ def _configs(spec, lora_r: int):
     base = spec.model
 
     def adapt(method, targets, **opts):
-        return inject(_shared_copy(base, None), method, target_modules=targets, **opts)
+        return inject(shared_copy(base, None), method, target_modules=targets, **opts)
 
     lora_model = adapt("lora", spec.targets, r=lora_r)
     budget = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)

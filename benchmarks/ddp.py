@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.models import build
-from benchmarks.run import Runner, _shared_copy
+from benchmarks.run import Runner, shared_copy
 from benchmarks.sysinfo import describe, write_report
 
 DEFAULT_BATCH = {"vit": 1, "clip": 2, "llama": 1}
@@ -57,7 +57,7 @@ def _configs(spec, runner, lora_r, fsdp=False):
     extra = {"trainable_modules": spec.trainable} if spec.trainable else {}
 
     def adapt(method, **opts):
-        return inject(_shared_copy(base, spec.trainable), method, target_modules=spec.targets, **extra, **opts)
+        return inject(shared_copy(base, spec.trainable), method, target_modules=spec.targets, **extra, **opts)
 
     lora = adapt("lora", r=lora_r)
     budget = sum(p.numel() for p in lora.parameters() if p.requires_grad)

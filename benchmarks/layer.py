@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -44,13 +45,9 @@ from torch import nn
 from benchmarks import sysinfo
 
 
-class OneLayer(nn.Module):
-    def __init__(self, d_out: int, d_in: int):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.lin(x)
+def one_layer(d_out: int, d_in: int) -> nn.Module:
+    """One ``nn.Linear`` named ``lin`` (the adapter target) inside a container."""
+    return nn.Sequential(OrderedDict(lin=nn.Linear(d_in, d_out)))
 
 
 # ----------------------------------------------------------------------------------- cost model
@@ -90,13 +87,13 @@ def build_rows(o: int, i: int, lora_r: int, vera_r: int, device, dtype, with_pef
     from randlora.adapters import adapted_layers, inject, match_budget
 
     budget = lora_r * (o + i)
-    probe = OneLayer(o, i)
+    probe = one_layer(o, i)
     rr = match_budget(probe, "randlora", budget, target_modules=["lin"], tolerance=0.5)["r"]  # one layer: one rank
     rows = {}
 
     def make(name, method, **opts):
         torch.manual_seed(0)
-        m = OneLayer(o, i)
+        m = one_layer(o, i)
         if method == "base":
             for p in m.parameters():
                 p.requires_grad_(False)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _build(overrides):
+def build_job(overrides):
     from tests.helpers import compose_cfg
     from randlora.models import build_model
     from randlora.training.build import build_datamodule, build_task
@@ -40,7 +40,7 @@ def _sync():
 
 
 def bare(overrides, epochs, accelerator="cpu", precision="32-true"):
-    cfg, dm, task = _build(overrides)
+    cfg, dm, task = build_job(overrides)
     dev = torch.device("cuda" if accelerator == "gpu" else "cpu")
     task = task.to(dev)
     amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
@@ -85,7 +85,7 @@ def framework(overrides, epochs, tmp, accelerator="cpu", precision="32-true"):
             self.t1 = time.perf_counter()
 
     timer = LoopTimer()
-    cfg, dm, task = _build(overrides)
+    cfg, dm, task = build_job(overrides)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0,
                         gradient_clip_val=1.0, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, logger=L.pytorch.loggers.CSVLogger(tmp),

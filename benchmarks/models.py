@@ -1,12 +1,16 @@
-"""The three benchmark models, built with random weights (nothing is downloaded).
+"""The three benchmark models, built by the framework with random weights (nothing is downloaded).
 
-Each builder returns a ``ModelSpec``: the model, the layer names our library and PEFT adapt,
-what stays fully trainable (a classification head), a batch factory and the training loss.
+Each model is what ``train.py`` trains for a shipped model config (``configs/model/``), built through
+``randlora.training.build.model_network`` (``randlora.models.build_model``, then the task's network):
+the same architecture, activation, head and default adapter targets. Each builder returns a
+``ModelSpec``: that network, the layer names our library and PEFT adapt, what stays fully trainable
+(the classifier's head), a batch factory and the training loss.
 
 Sizes (``size=``):
-* ``full``: the real shapes: timm ViT-B/16 at 224 px, open_clip ViT-B/32 (both towers),
-  a LLaMA-3-8B-width block stack (hidden 4096, MLP 14336, 32 heads, 8 KV heads).
-* ``tiny``: the same architectures at width 64 and 1-2 blocks (``--quick``, tests).
+* ``full``: ``vit_b16`` (timm ViT-B/16 at 224 px, a 100-class head) and ``clip_vitb32`` (open_clip
+  ViT-B/32, both towers, QuickGELU as the config states) with ``pretrained=null``; a LLaMA-3-8B-width
+  block stack (the ``hf_causal_lm`` family's random-weight route: hidden 4096, MLP 14336, 32 heads, 8 KV heads).
+* ``tiny``: the CPU twins ``tiny_vit``, ``tiny_clip`` and ``tiny_llama`` (``--quick``, tests).
 Batch size and the LLaMA depth / sequence length are chosen by the caller.
 """
 from __future__ import annotations
@@ -16,7 +20,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
+
+from randlora.training.build import model_network
+from randlora.training.config import CONFIG_DIR
 
 MODELS = ("vit", "clip", "llama")
 
@@ -40,52 +48,53 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------- ViT
-def build_vit(size: str = "full", batch: int = 2) -> ModelSpec:
-    import timm
+def model_config(name: str, **overrides):
+    """The shipped model config ``configs/model/<name>.yaml`` with ``overrides`` (random weights)."""
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    return OmegaConf.merge(cfg, {"pretrained": None, **overrides})
 
-    if size == "tiny":
-        kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-    else:
-        kw = {}
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100, **kw)
-    img = kw.get("img_size", 224)
-    patch = kw.get("patch_size", 16)
-    seq = (img // patch) ** 2 + 1
-    depth = kw.get("depth", 12)
-    width = kw.get("embed_dim", 768)
+
+# ---------------------------------------------------------------------------------------------- ViT
+VIT_CLASSES = 100
+
+
+def build_vit(size: str = "full", batch: int = 2) -> ModelSpec:
+    cfg = model_config("tiny_vit" if size == "tiny" else "vit_b16")
+    network, bundle = model_network(cfg, num_classes=VIT_CLASSES, seed=0)
+    backbone = bundle.backbone
+    img = bundle.image_size
+    patch = backbone.patch_embed.patch_size[0]
+    seq = backbone.patch_embed.num_patches + backbone.num_prefix_tokens
 
     def make_batch(device, dtype):
         g = _gen(0)
         x = torch.randn(batch, 3, img, img, generator=g).to(device=device, dtype=dtype)
-        y = torch.randint(0, 100, (batch,), generator=g).to(device)
+        y = torch.randint(0, VIT_CLASSES, (batch,), generator=g).to(device)
         return x, y
 
     def loss(m, b):
         x, y = b
         return F.cross_entropy(m(x).float(), y)
 
-    title = f"timm vit_base_patch16_224 ({depth} blocks, width {width}, {img} px, {seq} tokens), batch {batch}"
-    return ModelSpec("vit", title, model, ["qkv", "fc1", "fc2"], ["qkv", "fc1", "fc2"], ["head"], batch,
-                     make_batch, loss, batch * seq)
+    title = (f"timm {cfg.arch} as model={cfg.name} ({len(backbone.blocks)} blocks, width {backbone.embed_dim}, "
+             f"{img} px, patch {patch}, {seq} tokens, {VIT_CLASSES}-class head), batch {batch}")
+    return ModelSpec("vit", title, network.net, list(network.targets), list(network.targets),
+                     list(network.trainable_modules), batch, make_batch, loss, batch * seq)
 
 
 # --------------------------------------------------------------------------------------------- CLIP
 def build_clip(size: str = "full", batch: int = 4) -> ModelSpec:
-    import open_clip
-
-    if size == "tiny":
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-        vision = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32)
-        text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=2, layers=2)
-        model = CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
-        img, ctx, vocab, title = 32, 16, 100, "open_clip CLIP (tiny: 2+2 blocks, width 64)"
-    else:
-        model = open_clip.create_model("ViT-B-32", pretrained=None, pretrained_image=False,
-                                       pretrained_text=False)
-        img, ctx, vocab = 224, 77, 49408
-        title = "open_clip ViT-B-32 (both towers: 12 x 768 image, 12 x 512 text, 50 / 77 tokens)"
+    cfg = model_config("tiny_clip" if size == "tiny" else "clip_vitb32")
+    network, bundle = model_network(cfg)
+    model = network.net
+    img, ctx = bundle.image_size, int(model.context_length)
+    vocab = int(model.vocab_size)
     patch = model.visual.patch_size[0] if isinstance(model.visual.patch_size, tuple) else model.visual.patch_size
+    if size == "tiny":
+        title = f"open_clip CLIP as model={cfg.name} (tiny: {cfg.tiny.layers}+{cfg.tiny.layers} blocks, width {cfg.tiny.width})"
+    else:
+        title = (f"open_clip {cfg.arch} as model={cfg.name} (both towers: 12 x 768 image, 12 x 512 text, "
+                 f"{(img // patch) ** 2 + 1} / {ctx} tokens)")
 
     def make_batch(device, dtype):
         g = _gen(0)
@@ -101,8 +110,10 @@ def build_clip(size: str = "full", batch: int = 4) -> ModelSpec:
         labels = torch.arange(len(x), device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
-    spec = ModelSpec("clip", f"{title}, batch {batch}", model, ["attn", "c_fc", "c_proj"], ["c_fc", "c_proj"],
-                     None, batch, make_batch, loss, batch * max(ctx, (img // patch) ** 2 + 1))
+    targets = list(network.targets)
+    spec = ModelSpec("clip", f"{title}, batch {batch}", model, targets, [t for t in targets if t != "attn"],
+                     list(network.trainable_modules) or None, batch, make_batch, loss,
+                     batch * max(ctx, (img // patch) ** 2 + 1))
     spec.notes.append("CLIP: ours adapts attn.in_proj_weight (the fused q/k/v of nn.MultiheadAttention), c_fc and "
                       "c_proj in both towers; PEFT's RandLoRA / VeRA accept only nn.Linear, so every PEFT row "
                       "adapts c_fc / c_proj only. The row 'ours randlora [PEFT targets]' is ours on exactly "
@@ -111,19 +122,20 @@ def build_clip(size: str = "full", batch: int = 4) -> ModelSpec:
 
 
 # -------------------------------------------------------------------------------------------- LLaMA
-def build_llama(size: str = "full", batch: int = 1, layers: int = 1, seq: int = 128) -> ModelSpec:
-    from transformers import LlamaConfig, LlamaForCausalLM
+LLAMA_FULL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
 
-    if size == "tiny":
-        dims = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2)
-    else:
-        dims = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
-    vocab = 256
-    cfg = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=max(seq, 64),
-                      tie_word_embeddings=False, attn_implementation="sdpa", **dims)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.config.use_cache = False
+
+def build_llama(size: str = "full", batch: int = 1, layers: int = 1, seq: int = 128) -> ModelSpec:
+    """``tiny_llama`` (or, ``full``, the same random-weight route at LLaMA-3-8B's width, vocabulary 256)
+    with ``layers`` blocks."""
+    tiny = {"num_hidden_layers": layers, "max_position_embeddings": max(seq, 64)}
+    if size != "tiny":
+        tiny.update(LLAMA_FULL, vocab_size=256)
+    cfg = model_config("tiny_llama", tiny=tiny, gradient_checkpointing=False, dtype="float32")
+    network, bundle = model_network(cfg)
+    model = network.net
+    c = model.config
+    vocab = int(c.vocab_size)
 
     def make_batch(device, dtype):
         ids = torch.randint(0, vocab, (batch, seq), generator=_gen(0)).to(device)
@@ -133,11 +145,13 @@ def build_llama(size: str = "full", batch: int = 1, layers: int = 1, seq: int = 
         (ids,) = b
         return m(input_ids=ids, labels=ids).loss.float()
 
-    title = (f"LLaMA block stack (transformers LlamaForCausalLM, hidden {dims['hidden_size']}, MLP "
-             f"{dims['intermediate_size']}, {dims['num_attention_heads']}/{dims['num_key_value_heads']} heads, "
+    route = f"model={cfg.name}" if size == "tiny" else f"model={cfg.name}'s route at LLaMA-3-8B width"
+    title = (f"LLaMA block stack (transformers {type(model).__name__}, {route}, hidden {c.hidden_size}, MLP "
+             f"{c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, "
              f"{layers} layer(s), vocab {vocab}), batch {batch} x {seq} tokens")
-    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    return ModelSpec("llama", title, model, targets, targets, None, batch, make_batch, loss, batch * seq)
+    targets = list(network.targets)
+    return ModelSpec("llama", title, model, targets, targets, list(network.trainable_modules) or None, batch,
+                     make_batch, loss, batch * seq)
 
 
 def build(key: str, size: str, batch: int, llama_layers: int = 1, seq: int = 128) -> ModelSpec:

@@ -9,13 +9,13 @@ import sys
 
 import torch
 
-from benchmarks.loop import _build
+from benchmarks.loop import build_job
 
 
 def probe(adapter: str, model: str = "clip_vitb32", batch: int = 128) -> str:
     over = [f"model={model}", f"adapter={adapter}", "trainer=cpu", "model.pretrained=null", "data=synthetic",
             "data.synthetic.size=224", "data.synthetic.per_class=30", f"data.batch_size={batch}"]
-    _, _, task = _build(over)
+    _, _, task = build_job(over)
     task = task.cuda()
     task.log = lambda *a, **k: None  # no Trainer attached
     x = torch.randn(batch, 3, 224, 224, device="cuda")

@@ -186,7 +186,7 @@ def plan(spec: ModelSpec, methods, lora_r: int, vera_fallback: int, have_peft: b
     return cfgs, notes
 
 
-def _shared_copy(model: nn.Module, private: list[str] | None) -> nn.Module:
+def shared_copy(model: nn.Module, private: list[str] | None) -> nn.Module:
     """deepcopy that shares every parameter except those under ``private`` module names."""
     keep = set()
     for name in private or []:
@@ -208,7 +208,7 @@ def instantiate(spec: ModelSpec, cfg: Config, base: nn.Module, share: bool) -> n
         inject(model, "full")
         cfg.adapter_params = 0
     else:
-        model = _shared_copy(base, spec.trainable) if share else base
+        model = shared_copy(base, spec.trainable) if share else base
         if cfg.impl == "ours":
             opts = dict(r=cfg.r)
             if cfg.kind in ("vera", "randlora"):

@@ -273,6 +273,85 @@ def test_cpu_repro_randsum_full_matches_library_formula():
     assert numerical_rank(a.delta_weight().detach()) == 2
 
 
+class _CommittedTinyViT(nn.Module):
+    """The network experiments/cpu_repro's committed results (results/, REPORT.md) were computed with, as
+    it was defined there before E4 switched to the framework-built timm ViT: kept here, and only here, to
+    show the switch changed no bit."""
+
+    class Block(nn.Module):
+        def __init__(self, dim, heads, mlp_ratio):
+            super().__init__()
+            self.heads = heads
+            self.norm1 = nn.LayerNorm(dim)
+            self.attn = nn.Module()
+            self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, dim * mlp_ratio), nn.Linear(dim * mlp_ratio, dim)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            h = self.norm1(x)
+            q, k, v = self.attn.qkv(h).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            x = x + self.attn.proj(y.transpose(1, 2).reshape(b, t, c))
+            return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+    def __init__(self, num_classes, dim, depth, heads, mlp_ratio, image=8, patch=2):
+        super().__init__()
+        self.image, self.patch = image, patch
+        self.patch_embed = nn.Linear(patch * patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList([self.Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):  # x: (N, 64) pixels
+        b, p, g = x.shape[0], self.patch, self.image // self.patch
+        t = self.patch_embed(x.reshape(b, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p))
+        t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            t = blk(t)
+        return self.head(self.norm(t)[:, 0])
+
+
+def test_cpu_repro_vit_is_bit_identical_to_the_network_of_the_committed_results():
+    """E4's framework-built timm ViT against the experiment's former own ViT, same seed: the same state dict
+    (names, shapes, values), the RNG left in the same state, the same outputs and, after training steps
+    (AdamW, clipping, every parameter trained: the patch embedding's gradient included), the same
+    weights, all bit for bit."""
+    from experiments.cpu_repro.config import FULL
+    from experiments.cpu_repro.vit import build_vit, patches, train
+
+    cfg = FULL["vit"]
+    torch.manual_seed(0)
+    old = _CommittedTinyViT(5, cfg["dim"], cfg["depth"], cfg["heads"], cfg["mlp_ratio"])
+    after_old = torch.rand(3)
+    torch.manual_seed(0)
+    new = build_vit(cfg, num_classes=5)
+    assert torch.equal(torch.rand(3), after_old)
+    so, sn = old.state_dict(), new.state_dict()
+    assert set(so) == set(sn)
+    assert all(torch.equal(so[k], sn[k]) for k in so), [k for k in so if not torch.equal(so[k], sn[k])]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(96, 64, generator=g) * 2 - 1, torch.randint(0, 5, (96,), generator=g)
+    assert torch.equal(old(x), new(patches(x)))
+    start = {k: v.clone() for k, v in so.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the experiment runs
+    try:
+        lo = train(old, x, y, steps=4, lr=3e-3, batch=32, seed=0)
+        ln = train(new, patches(x), y, steps=4, lr=3e-3, batch=32, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert lo == ln
+    so, sn = old.state_dict(), new.state_dict()
+    assert all(not torch.equal(so[k], start[k]) for k in ("patch_embed.weight", "blocks.0.attn.qkv.weight", "head.bias"))
+    assert all(torch.equal(so[k], sn[k]) for k in so), [k for k in so if not torch.equal(so[k], sn[k])]
+    assert type(new).__module__.startswith("timm.")  # timm's VisionTransformer, not a copy of it
+
+
 @pytest.mark.integration
 def test_cpu_repro_quick_mode_writes_report(tmp_path):
     """``python -m experiments.cpu_repro --quick`` end to end (run in-process to share the torch import)."""

@@ -114,3 +114,80 @@ def test_no_test_module_imports_another():
             found += [f"{path.name}:{node.lineno} imports {n}" for n in names
                       if n.startswith("tests.test_") or n.startswith("test_")]
     assert found == []
+
+
+# ------------------------------------------------------------------------------ benchmarks and experiments
+# docs/architecture.md, "Benchmarks and experiments": they build their models, adapters and tables through
+# the framework and the library; an nn.Module of their own only where the library has no such thing
+OUTSIDE = ("benchmarks", "experiments")
+OWN_MODULES = {("experiments/cpu_repro/matrix.py", "RandSum"):
+               "E2's RandLoRA-a / -b ablation variants (paper §6.3), which the adapter library does not implement"}
+MODEL_CLASSES = ("CLIP", "CustomTextCLIP", "VisionTransformer")
+ZOO_FACTORIES = ("create_model", "create_model_and_transforms", "create_model_from_pretrained")
+
+
+def _outside_files():
+    return sorted(p for d in OUTSIDE for p in (ROOT / d).rglob("*.py"))
+
+
+def _dotted(node) -> list[str]:
+    """The names of a call's callee, outermost last: ``timm.create_model`` -> ["timm", "create_model"]."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        names.append(node.id)
+    return names[::-1]
+
+
+def _is_model_class(name: str) -> bool:
+    return name in MODEL_CLASSES or name.endswith("ForCausalLM") or name.startswith("AutoModel")
+
+
+def test_benchmarks_and_experiments_define_no_module_of_their_own():
+    found = []
+    for path in _outside_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(_dotted(b)[-1:] == ["Module"] for b in node.bases):
+                key = (str(path.relative_to(ROOT)), node.name)
+                if key not in OWN_MODULES:
+                    found.append(f"{key[0]}:{node.lineno}: class {node.name}(nn.Module)")
+    assert found == [], ("build networks through randlora.models / randlora.training.build (model_network), "
+                         "or add the class to OWN_MODULES with the reason the library has no such thing:\n"
+                         + "\n".join(found))
+    here = {(str(p.relative_to(ROOT)), n.name) for p in _outside_files()
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)}
+    assert set(OWN_MODULES) <= here, f"stale OWN_MODULES entries: {set(OWN_MODULES) - here}"
+
+
+def test_benchmarks_and_experiments_build_no_model_of_their_own():
+    """No model zoo constructor (timm / open_clip ``create_model``, ``CLIP(...)``, ``*ForCausalLM``,
+    ``AutoModel*``) outside the framework's builders: a benchmark measures, and an experiment trains, what
+    ``train.py`` builds."""
+    found = []
+    for path in _outside_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                names = _dotted(node.func)
+                if (names and names[-1] in ZOO_FACTORIES) or any(_is_model_class(n) for n in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {'.'.join(names)}(...)")
+    assert found == [], "\n".join(found)
+
+
+def test_benchmarks_and_experiments_import_no_private_names():
+    """They use the package's public API (and each other's): no ``from x import _name``; the package
+    itself never imports them."""
+    bad = []
+    for path in _outside_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
+                        f"import {a.name}" for a in node.names if a.name.startswith("_")]
+    for path in _files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {n}" for n in names
+                    if n.split(".")[0] in OUTSIDE]
+    assert bad == [], "\n".join(bad)

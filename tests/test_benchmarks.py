@@ -159,7 +159,7 @@ def test_operator_counts_vera_close_to_lora():
     res = ops.run(models=["vit"], methods=["lora", "vera-same-r", "randlora-merged"], log=lambda *a: None)
     rows = {r["method"]: r for r in res["vit"]["rows"]}
     lora, vera = rows["lora"], rows["vera-same-r"]
-    assert lora["layers"] == vera["layers"] == 6
+    assert lora["layers"] == vera["layers"] == 12  # model=tiny_vit: 4 blocks x (qkv, fc1, fc2)
     assert vera["ops"]["mm"] <= lora["ops"]["mm"]
     assert 0 < vera["vs_lora_per_layer"] < 5
     assert rows["randlora-merged"]["vs_lora_per_layer"] < 5
@@ -316,3 +316,32 @@ def test_every_raw_result_file_is_cited_current_ones_by_the_results_page(monkeyp
         out = seen["out"].removeprefix("benchmarks/")
         assert out.startswith("results/") and not out.startswith("results/archive/") and out in results, \
             f"benchmarks.{module} writes {seen['out']} by default, which is not a current file of RESULTS.md"
+
+
+def test_benchmark_models_are_what_train_builds():
+    """benchmarks.models builds through the framework: its tiny ViT is, bit for bit, the network ``adapt``
+    builds for a job with model=tiny_vit (the same head initialisation for the job's seed and classes),
+    with the job's default targets and trained head; ``model_network`` refuses a classifier without classes."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.models import build_vit, model_config
+    from randlora.errors import UserError
+    from randlora.models import build_model
+    from randlora.training.build import build_datamodule, model_network, task_class
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["model=tiny_vit"])
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    torch.manual_seed(int(cfg.seed))  # train.py seeds the job before it builds the model
+    bundle = build_model(cfg.model)
+    job = task_class(cfg, bundle).network(bundle, dm, OmegaConf.to_container(cfg.task), int(cfg.seed))
+    net, _ = model_network(cfg.model, num_classes=dm.num_classes, seed=int(cfg.seed))
+    a, b = job.net.state_dict(), net.net.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (net.targets, net.trainable_modules) == (job.targets, job.trainable_modules) == (["qkv", "fc1", "fc2"], ["head"])
+    spec = build_vit("tiny", batch=2)
+    assert type(spec.model) is type(job.net) and spec.trainable == ["head"] and spec.targets == job.targets
+    assert spec.model.head.out_features == 100
+    with pytest.raises(UserError, match="num_classes"):
+        model_network(model_config("tiny_vit"))

@@ -21,16 +21,12 @@ from randlora.adapters import adapted_layers, count_trainable, inject, match_bud
 from randlora.analysis import (cka_per_layer, layer_spectra, loss_path, loss_plane, merged_state_dict,
                                state_delta)
 
-from .vit import ADAPT_TARGETS, TinyViT, evaluate, few_shot, train
-
-
-def vit_kwargs(cfg: dict) -> dict:
-    return {"dim": cfg["dim"], "depth": cfg["depth"], "heads": cfg["heads"], "mlp_ratio": cfg["mlp_ratio"]}
+from .vit import ADAPT_TARGETS, build_vit, evaluate, few_shot, train
 
 
 def pretrain(data: dict, cfg: dict) -> dict:
     torch.manual_seed(0)
-    model = TinyViT(num_classes=5, **vit_kwargs(cfg))
+    model = build_vit(cfg, num_classes=5)
     p = data["pretrain"]
     train(model, p["x_train"], p["y_train"], steps=cfg["pretrain_steps"], lr=cfg["pretrain_lr"], batch=64, seed=0)
     acc, loss = evaluate(model, p["x_test"], p["y_test"])
@@ -40,7 +36,7 @@ def pretrain(data: dict, cfg: dict) -> dict:
 
 def method_table(cfg: dict) -> list[dict]:
     """The methods of E4 with their options; RandLoRA ranks matched to LoRA budgets."""
-    probe = TinyViT(num_classes=5, **vit_kwargs(cfg))
+    probe = build_vit(cfg, num_classes=5)
     methods = [{"name": "FT", "method": "full", "opts": {}, "lr": cfg["lr"]["full"]}]
     methods.append({"name": f"VeRA-{cfg['vera_r']}", "method": "vera", "opts": {"r": cfg["vera_r"]},
                     "lr": cfg["lr"]["vera"]})
@@ -58,7 +54,7 @@ def method_table(cfg: dict) -> list[dict]:
 
 
 def build(pre_state: dict, cfg: dict, method: str, opts: dict, seed: int) -> nn.Module:
-    model = TinyViT(num_classes=5, **vit_kwargs(cfg))
+    model = build_vit(cfg, num_classes=5)
     model.load_state_dict(pre_state)
     torch.manual_seed(5000 + seed)          # the same new head for every method of a seed
     model.head = nn.Linear(cfg["dim"], 5)
@@ -119,7 +115,7 @@ def analyse(models: dict, methods: list[dict], pre_state: dict, cfg: dict, seed:
     for name in (lora_name, rand_name, "FT"):
         merged = merged_state_dict(models[name])
         deltas[name] = state_delta(merged, base_state)
-    plain = TinyViT(num_classes=5, **vit_kwargs(cfg))
+    plain = build_vit(cfg, num_classes=5)
     g = torch.Generator().manual_seed(seed)
     sub = torch.randperm(x.shape[0], generator=g)[: cfg["plane_samples"]]
     xs, ys = x[sub], y[sub]

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from randlora.analysis import plot_cka, plot_loss_plane, plot_spectra
+from randlora.report.tables import md_table
 
 from .common import fmt, mean_std
 from .matrix import SPECTRUM_LABEL
@@ -202,9 +203,7 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
           f"{conf['e1']['lrs']} for RandLoRA, {conf['e1']['lora_lrs']} for LoRA), mean ± std over "
           f"{conf['seeds']} seeds (each seed: new target and new random bases). "
           f"Adapters built with `inject` on an `nn.Linear` with zero weight. ![E1](results/e1_matrix_fit.png)\n")
-        A("| target spectrum | RandLoRA r (params) | residual | sqrt(1 − P/Dd) | LoRA r (params) | residual | "
-          "LoRA Eckart-Young floor | RandLoRA < LoRA? |")
-        A("|---|---|---|---|---|---|---|---|")
+        rows = []
         for kind in spectra:
             for rr, rl in pairs:
                 a = _by_seed(e1, "residual", spectrum=kind, method="randlora", r=rr)
@@ -214,8 +213,10 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
                 pl = _vals(e1, spectrum=kind, method="lora", r=rl)[0]["params"]
                 floor = [x["ey_floor_lora"] for x in _vals(e1, spectrum=kind, method="lora", r=rl)]
                 cover = math.sqrt(max(0.0, 1 - pr / 64 ** 2))
-                A(f"| {SPECTRUM_LABEL[kind]} | {rr} ({pr}) | {_pm(a.values())} | {cover:.3f} | {rl} ({pl}) | "
-                  f"{_pm(b.values())} | {_pm(floor)} | {v} (Δ = {m:+.3f}) |")
+                rows.append([SPECTRUM_LABEL[kind], f"{rr} ({pr})", _pm(a.values()), f"{cover:.3f}", f"{rl} ({pl})",
+                             _pm(b.values()), _pm(floor), f"{v} (Δ = {m:+.3f})"])
+        A(md_table(["target spectrum", "RandLoRA r (params)", "residual", "sqrt(1 − P/Dd)", "LoRA r (params)",
+                    "residual", "LoRA Eckart-Young floor", "RandLoRA < LoRA?"], rows))
         A("")
         A("sqrt(1 − P/Dd) is the residual expected if P random parameters capture a P/(D·d) share of the "
           "energy of a target whose energy is spread evenly (method note §6, E1 take-away).\n")
@@ -249,15 +250,15 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
         A("RandLoRA-a and RandLoRA-b are implemented in `experiments/cpu_repro/matrix.py` (`RandSum`). "
           "RandLoRA-a: dW = (Σ B_j Λ_j)(Σ A_j Γ_j), rank ≤ r; RandLoRA-b: shared-A RandLoRA with half as many "
           "bases x rank as needed for full rank. ![E2](results/e2_rank_ablation.png)\n")
-        A("| target | " + " | ".join(f"{n} [params, rank]" for n in names) + " |")
-        A("|---|" + "---|" * len(names))
+        rows = []
         for kind in spectra:
             cells = []
             for n in names:
                 rs = _vals(e2, spectrum=kind, method=n)
                 cells.append(f"{_pm([x['residual'] for x in rs])} [{rs[0]['params']}, "
                              f"{int(round(np.mean([x['rank'] for x in rs])))}]")
-            A(f"| {SPECTRUM_LABEL[kind]} | " + " | ".join(cells) + " |")
+            rows.append([SPECTRUM_LABEL[kind], *cells])
+        A(md_table(["target", *(f"{n} [params, rank]" for n in names)], rows))
         A("")
         full, a_var, b_var = names[0], names[2], names[1]
         for kind in spectra:
@@ -284,15 +285,15 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
         A(f"## E6 — basis distribution and sparsity on the matrix fit (RandLoRA-{conf['e6m']['r']}, 64 x 64)\n")
         A("Sparse bases: entries −1/0/+1 with P(±1) = 1/s each (paper convention), normalised to unit variance. "
           "![E6m](results/e6_matrix_bases.png)\n")
-        A("| target | " + " | ".join(names) + " |")
-        A("|---|" + "---|" * len(names))
+        rows = []
         for kind in spectra:
-            A(f"| {SPECTRUM_LABEL[kind]} residual | " + " | ".join(
-                _pm([x["residual"] for x in _vals(e6m, spectrum=kind, method=n)]) for n in names) + " |")
-            A(f"| {SPECTRUM_LABEL[kind]} rank of dW | " + " | ".join(
-                f"{np.mean([x['rank'] for x in _vals(e6m, spectrum=kind, method=n)]):.1f}" for n in names) + " |")
-        A("| 64 (1 − (1 − 2/s)^r) | " + " | ".join(
-            f"{_expected_rank(64, conf['e6m']['r'], d, sp):.1f}" for _, d, sp in conf["e6m"]["distributions"]) + " |")
+            rows.append([f"{SPECTRUM_LABEL[kind]} residual",
+                         *(_pm([x["residual"] for x in _vals(e6m, spectrum=kind, method=n)]) for n in names)])
+            rows.append([f"{SPECTRUM_LABEL[kind]} rank of dW",
+                         *(f"{np.mean([x['rank'] for x in _vals(e6m, spectrum=kind, method=n)]):.1f}" for n in names)])
+        rows.append(["64 (1 − (1 − 2/s)^r)", *(f"{_expected_rank(64, conf['e6m']['r'], d, sp):.1f}"
+                                               for _, d, sp in conf["e6m"]["distributions"])])
+        A(md_table(["target", *names], rows))
         A("")
         A(SPARSE_NOTE)
 
@@ -319,15 +320,15 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
         A("![E4 accuracy](results/e4_vit_accuracy.png) ![E4 budget](results/e4_vit_budget.png)\n")
         for task in tasks:
             A(f"**Task `{task}`**: test accuracy (%)\n")
-            A("| method | adapter params | " + " | ".join(f"{s}-shot" if s != "all" else "100 %" for s in shots) + " |")
-            A("|---|---|" + "---|" * len(shots))
+            rows = []
             for n in names:
                 rs = _vals(e4, task=task, method=n)
                 if not rs:
                     continue
                 cells = [_pm([x["test_acc"] for x in _vals(e4, task=task, method=n, shots=s)], scale=100, digits=1)
                          for s in shots]
-                A(f"| {n} | {rs[0]['params']:,} | " + " | ".join(cells) + " |")
+                rows.append([n, f"{rs[0]['params']:,}", *cells])
+            A(md_table(["method", "adapter params", *(f"{s}-shot" if s != "all" else "100 %" for s in shots)], rows))
             A("")
         _e4_claims(e4, meta, vit, shots, claims)
 
@@ -342,13 +343,13 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
         names = [d[0] for d in vit["distributions"]]
         e6shots = ["all" if s is None else s for s in vit["e6_shots"]]
         A(f"## E6 — basis distribution and sparsity on E4 (RandLoRA-{vit['e6_r']}, task `{vit['e6_task']}`)\n")
-        A("| bases | " + " | ".join(f"acc {s}-shot" if s != "all" else "acc 100 %" for s in e6shots)
-          + " | mean rank of dW per layer | 64 (1 − (1 − 2/s)^r) |")
-        A("|---|" + "---|" * (len(e6shots) + 2))
+        rows = []
         for (n, dist, sp) in vit["distributions"]:
             cells = [_pm([x["test_acc"] for x in _vals(e6v, method=n, shots=s)], scale=100, digits=1) for s in e6shots]
             rk = np.mean([x["mean_update_rank"] for x in _vals(e6v, method=n)])
-            A(f"| {n} | " + " | ".join(cells) + f" | {rk:.1f} | {_expected_rank(64, vit['e6_r'], dist, sp):.1f} |")
+            rows.append([n, *cells, f"{rk:.1f}", f"{_expected_rank(64, vit['e6_r'], dist, sp):.1f}"])
+        A(md_table(["bases", *(f"acc {s}-shot" if s != "all" else "acc 100 %" for s in e6shots),
+                    "mean rank of dW per layer", "64 (1 − (1 − 2/s)^r)"], rows))
         A("")
         A(SPARSE_NOTE)
         _e6_claims(e6v, e6m, names, e6shots, conf, claims)
@@ -366,10 +367,7 @@ def build_report(res: dict, conf: dict, out_dir: str, quick: bool) -> str:
                 f"worker process(es) (per unit, in seconds: "
                 + ", ".join(f"{k} {v}" for k, v in timings.items() if k != "total_wall_s") + ").\n")
     head.append("## Claims at a glance\n")
-    head.append("| id | claim (paper) | prediction | measured | verdict |")
-    head.append("|---|---|---|---|---|")
-    for cid, claim, pred, meas, v in claims:
-        head.append(f"| {cid} | {claim} | {pred} | {meas} | {v} |")
+    head.append(md_table(["id", "claim (paper)", "prediction", "measured", "verdict"], claims))
     head.append("")
     notes = _notes(res, conf)
     interp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "INTERPRETATION.md")
@@ -465,10 +463,7 @@ def _analysis_section(an, vit, rd, A, claims):
         A(f"### Task `{task}`\n")
         A(f"Per-layer linear CKA to the FT model on the test images (mean ± std over {len(sub)} seeds). "
           f"![CKA](results/cka_{task}.png)\n")
-        A("| method | " + " | ".join(layers) + " |")
-        A("|---|" + "---|" * len(layers))
-        for m in methods:
-            A(f"| {m} | " + " | ".join(_pm([a["cka"][m][l] for a in sub]) for l in layers) + " |")
+        A(md_table(["method", *layers], [[m, *(_pm([a["cka"][m][l] for a in sub]) for l in layers)] for m in methods]))
         A("")
         lora_n, rand_n, _ = sub[0]["plane_methods"]
         deep = layers[-2:]
@@ -486,13 +481,14 @@ def _analysis_section(an, vit, rd, A, claims):
         A(f"Loss plane through {lora_n} (0,0), {rand_n} (1,0) and FT (0.5,1), on {vit['plane_samples']} training "
           f"images, and straight paths to FT. ![plane](results/loss_plane_{task}.png) "
           f"![paths](results/loss_paths_{task}.png)\n")
-        A("| quantity | " + " | ".join(a0["plane"]["names"]) + " |")
-        A("|---|" + "---|" * len(a0["plane"]["names"]))
-        A("| training loss at the solution | " + " | ".join(_pm(ends[n], digits=4) for n in a0["plane"]["names"]) + " |")
         bar = {k: [a["paths"][k]["barrier"] for a in sub] for k in a0["paths"]}
-        A("| barrier on the straight path to FT | " + " | ".join(
-            _pm(bar[f"{n}->FT"], digits=4) if f"{n}->FT" in bar else "—" for n in a0["plane"]["names"]) + " |")
-        A(f"| lowest loss on the grid (all seeds) | {_pm([a['plane']['min_loss'] for a in sub], digits=4)} | | |")
+        names = a0["plane"]["names"]
+        A(md_table(["quantity", *names], [
+            ["training loss at the solution", *(_pm(ends[n], digits=4) for n in names)],
+            ["barrier on the straight path to FT",
+             *(_pm(bar[f"{n}->FT"], digits=4) if f"{n}->FT" in bar else "—" for n in names)],
+            ["lowest loss on the grid (all seeds)", _pm([a["plane"]["min_loss"] for a in sub], digits=4),
+             *([""] * (len(names) - 1))]]))
         A("")
         v1, m1, se1 = verdict(paired(dict(enumerate(ends[lora_n])), dict(enumerate(ends[rand_n]))))
         v2, m2, se2 = verdict(paired(dict(enumerate(bar[f"{lora_n}->FT"])), dict(enumerate(bar[f"{rand_n}->FT"]))))
@@ -505,11 +501,9 @@ def _analysis_section(an, vit, rd, A, claims):
         sp_methods = list(a0["spectra"])
         A("Update spectra of the adapted weight matrices (12 matrices; FT: W_FT − W0). "
           f"![spectra](results/spectra_{task}.png)\n")
-        A("| method | mean numerical rank (of 64) | mean effective rank |")
-        A("|---|---|---|")
-        for m in sp_methods:
-            A(f"| {m} | {_pm([a['spectra'][m]['mean_rank'] for a in sub], digits=1)} | "
-              f"{_pm([a['spectra'][m]['mean_effective_rank'] for a in sub], digits=1)} |")
+        A(md_table(["method", "mean numerical rank (of 64)", "mean effective rank"],
+                   [[m, _pm([a["spectra"][m]["mean_rank"] for a in sub], digits=1),
+                     _pm([a["spectra"][m]["mean_effective_rank"] for a in sub], digits=1)] for m in sp_methods]))
         A("")
         curves = {}
         for m in sp_methods:

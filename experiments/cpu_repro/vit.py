@@ -1,4 +1,5 @@
-"""A tiny Vision Transformer on sklearn's 8x8 digits, and the pretrain / shifted-task data."""
+"""The E4 network (a tiny timm ViT built by the framework) on sklearn's 8x8 digits, and the pretrain /
+shifted-task data."""
 from __future__ import annotations
 
 import math
@@ -7,78 +8,63 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
+from randlora.models import build_model
+
 ADAPT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+IMAGE, PATCH = 8, 2          # 2x2 patches of an 8x8 image: 16 tokens + [CLS]
+NORM_EPS = 1e-5              # torch.nn.LayerNorm's default (timm's ViT uses 1e-6)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+def model_config(cfg: dict):
+    """The framework model config of the E4 network (``cfg``: the ``vit`` settings of config.py): timm's
+    VisionTransformer, pre-norm, class-token pooling, random weights."""
+    return OmegaConf.create({
+        "name": "cpu_repro_vit", "family": "timm", "arch": "vit_tiny_patch16_224", "pretrained": None,
+        "kwargs": {"img_size": IMAGE, "patch_size": PATCH, "in_chans": 1, "embed_dim": cfg["dim"],
+                   "depth": cfg["depth"], "num_heads": cfg["heads"], "mlp_ratio": cfg["mlp_ratio"]},
+        "image_size": IMAGE, "task": "classification", "targets": ADAPT_TARGETS})
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+def build_vit(cfg: dict, num_classes: int = 5) -> nn.Module:
+    """The E4 network: ``randlora.models.build_model`` of :func:`model_config` with timm's classifier
+    (``reset_classifier``), so its modules are timm's (``blocks.0.attn.qkv``, ``head``), with what the
+    committed results (results/, REPORT.md) were computed with, bit for bit
+    (tests/test_analysis.py::test_cpu_repro_vit_is_bit_identical_to_the_network_of_the_committed_results):
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+    * the patch embedding is an ``nn.Linear`` over pre-cut 2x2 patches (:func:`patches`; the input is
+      ``(N, 16, 4)``): timm's ``Conv2d`` stem computes the same forward, bit for bit, but its weight
+      gradient is summed in another order (differences of ~1e-7), so training would drift;
+    * LayerNorm epsilon 1e-5;
+    * PyTorch's default initialisation in module order, drawn from the global RNG as it stands on entry
+      (patch embedding, class token 0, position embedding N(0, 0.02), the blocks' linears, the head): the
+      RNG afterwards is where constructing the network leaves it.
+    """
+    rng = torch.get_rng_state()
+    vit = build_model(model_config(cfg)).backbone
+    vit.reset_classifier(num_classes)
+    vit.patch_embed = nn.Linear(PATCH * PATCH, cfg["dim"])
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = NORM_EPS
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        vit.patch_embed.reset_parameters()
+        vit.cls_token.zero_()
+        vit.pos_embed.copy_(torch.randn(vit.pos_embed.shape) * 0.02)
+        for m in [*vit.blocks.modules(), vit.norm, vit.head]:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return vit
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, dim * mlp_ratio)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyViT(nn.Module):
-    """Pre-norm ViT: 2x2 patches of an 8x8 image -> 16 tokens + [CLS], ``depth`` blocks, linear head."""
-
-    def __init__(self, num_classes: int = 5, dim: int = 64, depth: int = 3, heads: int = 4, mlp_ratio: int = 2,
-                 image: int = 8, patch: int = 2):
-        super().__init__()
-        self.image, self.patch = image, patch
-        n_tok = (image // patch) ** 2
-        self.patch_embed = nn.Linear(patch * patch, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, n_tok + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def patchify(self, x):
-        b = x.shape[0]
-        p, g = self.patch, self.image // self.patch
-        x = x.reshape(b, g, p, g, p).permute(0, 1, 3, 2, 4)
-        return x.reshape(b, g * g, p * p)
-
-    def features(self, x):
-        t = self.patch_embed(self.patchify(x))
-        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed
-        for blk in self.blocks:
-            t = blk(t)
-        return self.norm(t)[:, 0]
-
-    def forward(self, x):
-        return self.head(self.features(x))
+def patches(x: torch.Tensor) -> torch.Tensor:
+    """(N, 64) pixels of 8x8 images -> (N, 16, 4): the 2x2 patches in row-major order, each row-major."""
+    g = IMAGE // PATCH
+    x = x.reshape(x.shape[0], g, PATCH, g, PATCH).permute(0, 1, 3, 2, 4)
+    return x.reshape(x.shape[0], g * g, PATCH * PATCH)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -111,7 +97,8 @@ def make_tasks(split_seed: int = 0, perm_seed: int = 1234) -> dict:
     * ``shift``: digits 5-9, plain pixels (new classes, same image statistics).
     * ``perm``: digits 5-9 under one fixed random pixel permutation (a large, full-rank change:
       the 2x2 patches and positions no longer mean what the pretrained model learned).
-    Each task has a training pool and a fixed, disjoint test set (40 %).
+    Each task has a training pool and a fixed, disjoint test set (40 %). Images are given as their
+    2x2 patches (:func:`patches`), the input of :func:`build_vit`.
     """
     x, y = load_digits_tensors()
     lab = y.numpy()
@@ -123,8 +110,10 @@ def make_tasks(split_seed: int = 0, perm_seed: int = 1234) -> dict:
     perm = torch.from_numpy(np.random.default_rng(perm_seed).permutation(64))
     tasks = {}
     for name, fx in (("shift", lambda t: t), ("perm", lambda t: t[:, perm])):
-        tasks[name] = {"x_pool": fx(x[pool]), "y_pool": y[pool] - 5, "x_test": fx(x[test]), "y_test": y[test] - 5}
-    return {"pretrain": {"x_train": x[pre_tr], "y_train": y[pre_tr], "x_test": x[pre_te], "y_test": y[pre_te]},
+        tasks[name] = {"x_pool": patches(fx(x[pool])), "y_pool": y[pool] - 5, "x_test": patches(fx(x[test])),
+                       "y_test": y[test] - 5}
+    return {"pretrain": {"x_train": patches(x[pre_tr]), "y_train": y[pre_tr], "x_test": patches(x[pre_te]),
+                         "y_test": y[pre_te]},
             "tasks": tasks}
 
 

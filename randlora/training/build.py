@@ -8,7 +8,8 @@
     task    = build_task(cfg, bundle, data, network, adapter)
     trainer = lightning.Trainer(**trainer_kwargs(cfg), callbacks=..., ...)   # see randlora/train.py
 
-``randlora.train.run`` calls them in this order; tests and benchmarks use them one by one.
+``randlora.train.run`` calls them in this order; tests and benchmarks use them one by one. ``model_network``
+builds a model config's task network without data (for benchmarks and experiments).
 """
 from __future__ import annotations
 
@@ -153,6 +154,30 @@ def _names_modules_under(folder, prefix: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- task
+def model_network(cfg_model, num_classes: int | None = None, seed: int = 0, task_cfg: dict | None = None):
+    """(network, bundle): the network ``adapt`` would adapt for model config ``cfg_model`` under the task
+    the config names (``cfg_model.task``), built without a dataset: ``build_model(cfg_model)``, then the
+    task's ``network`` (an image classifier gets a linear head over ``num_classes`` classes, initialised
+    from ``seed``). The global RNG is seeded with ``seed`` first (random weights are drawn from it). For the benchmarks and experiments, which train what ``train.py`` trains without its
+    data; ``network.targets`` / ``network.trainable_modules`` are the default adapter targets and the
+    modules that train in full next to an adapter."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..models import build_model
+    torch.manual_seed(int(seed))  # random weights (pretrained: null) drawn from the seed, as in a seeded job
+    bundle = build_model(cfg_model)
+    kind = cfg_model.get("task")
+    cls = TASKS.get(kind)
+    if cls is None or cls.model_kind != bundle.kind:
+        raise UserError(f"model config {cfg_model.get('name')!r} names task {kind!r}, which does not fit a "
+                        f"{bundle.kind} model")
+    if cls.model_kind == "vision" and not num_classes:
+        raise UserError("an image classifier's network needs num_classes (the width of its head)")
+    return cls.network(bundle, SimpleNamespace(num_classes=num_classes), dict(task_cfg or {}), int(seed)), bundle
+
+
 def task_class(cfg, bundle):
     kind = cfg.task.kind
     cls = TASKS.get(kind)
