@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 
 def build_job(overrides):
-    from tests.helpers import compose_cfg
+    import randlora.train  # noqa: F401  (registers the config resolvers)
     from randlora.models import build_model
     from randlora.training.build import build_datamodule, build_task
     from randlora.training.config import effective_lr
+    from randlora.training.folder import hydra_compose
     from omegaconf import open_dict
-    cfg = compose_cfg(overrides)
+    cfg = hydra_compose(list(overrides))
     with open_dict(cfg):
         cfg.optim.lr = float(effective_lr(cfg))
     dm = build_datamodule(cfg)

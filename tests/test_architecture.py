@@ -176,14 +176,19 @@ def test_benchmarks_and_experiments_build_no_model_of_their_own():
 
 
 def test_benchmarks_and_experiments_import_no_private_names():
-    """They use the package's public API (and each other's): no ``from x import _name``; the package
-    itself never imports them."""
+    """They use the package's public API (and each other's): no ``from x import _name``, nothing from the
+    test suite (a benchmark composes its config as the framework does); the package itself never imports
+    them."""
     bad = []
     for path in _outside_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
                 bad += [f"{path.relative_to(ROOT)}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
                         f"import {a.name}" for a in node.names if a.name.startswith("_")]
+            modules = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                       else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {m}" for m in modules
+                    if m.split(".")[0] == "tests"]
     for path in _files():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
