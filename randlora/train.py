@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import SourceUnavailableError, UserError
 from .training.config import CONFIG_DIR
 from .training.folder import resume_run_dir, safe_name_resolver
+from .training.sweep import job_output_subdir, job_subdir
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -44,7 +45,8 @@ def bases_dtype_for(precision) -> str:
 
 for _name, _fn, _cached in (("uniq", lambda: secrets.token_hex(3), True), ("project_root", lambda: PROJECT_ROOT, False),
                             ("bases_dtype_for", bases_dtype_for, False), ("resume_run_dir", resume_run_dir, False),
-                            ("safe_name", safe_name_resolver, False)):
+                            ("safe_name", safe_name_resolver, False), ("sweep_job_subdir", job_subdir, False),
+                            ("sweep_output_subdir", job_output_subdir, False)):
     OmegaConf.register_new_resolver(_name, _fn, use_cache=_cached, replace=True)
 
 
@@ -313,6 +315,13 @@ def is_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig):
     from .training.launch import run_job_in_child, should_isolate
+    from .training.sweep import current_job, skipped_objective
+    job = current_job()  # a job of a sweep re-run into its folder (randlora/training/sweep.py)
+    if job is not None and job.action == "skipped":
+        return skipped_objective(cfg, job)
+    if job is not None and job.action == "resumed":
+        with open_dict(cfg):
+            cfg.resume = str(job.folder)
     if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/training/launch.py)
         return run_job_in_child(cfg)
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)

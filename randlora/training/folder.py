@@ -203,10 +203,7 @@ class RunFolderCallback(_HydraCallback):
             return
         try:
             check_file_name(config.get("task_name", "train"), "task_name")
-            sweep = Path(str(config.hydra.sweep.dir))
-            if sweep.is_dir() and any(sweep.glob("*/results.json")):
-                raise RunFolderError(f"{sweep} already holds a sweep's jobs: a new sweep would overwrite them; "
-                                     "choose another hydra.sweep.dir")
+            # a sweep folder that already holds jobs: randlora.training.sweep.SweepResume
         except RunFolderError as e:
             _fail(str(e))
 
