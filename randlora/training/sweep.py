@@ -246,10 +246,8 @@ def check_sweep_folder(config) -> None:
                                     "only the local launcher (the default) continues a sweep in its folder; "
                                     "choose another hydra.sweep.dir")
         return
-    rf.acquire(sweep)  # one process continues a sweep at a time; held until this process ends
-    record = sweep / "multirun.yaml"
-    if record.is_file():  # Hydra writes the sweep's own record again: keep the earlier run's
-        os.replace(record, sweep / f"multirun-{_stamp()}.yaml")
+    if rf.lock_holder(sweep):
+        rf.acquire(sweep)  # refused, naming the process that continues this sweep now
     state = _sweep(sweep)
     from omegaconf import OmegaConf
     problems = []
@@ -262,20 +260,21 @@ def check_sweep_folder(config) -> None:
             if diffs:
                 problems.append(f"job folder {job} ({' '.join(match_key(overrides)) or 'no overrides'}) was run "
                                 f"with {', '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''} other than the "
-                                "config files give now")
+                                "config files give now (a default edited since)")
                 continue
-        if job_state(job) != "completed":
-            try:
-                rf.acquire(job)
-            except rf.RunFolderError as e:
-                problems.append(str(e))
-                continue
-            rf.release(job)
+        who = rf.lock_holder(job) if job_state(job) != "completed" else None
+        if who:
+            problems.append(f"job folder {job} is in use by process {who['pid']} on {who['host']} (since "
+                            f"{who['since']}): wait for it to end, or stop it (kill {who['pid']})")
     if problems:
         raise rf.RunFolderError(f"cannot continue the sweep in {sweep}: " + "; ".join(problems[:4])
                                 + ("; ..." if len(problems) > 4 else "")
-                                + "; restore the config files (or stop that process), or run the sweep in a "
-                                "new folder (another hydra.sweep.dir)")
+                                + "; restore the config files, or run the sweep in a new folder (another "
+                                "hydra.sweep.dir)")
+    rf.acquire(sweep)  # one process continues a sweep at a time; held until this process ends
+    record = sweep / "multirun.yaml"
+    if record.is_file():  # Hydra writes the sweep's own record again: keep the earlier run's
+        os.replace(record, sweep / f"multirun-{_stamp()}.yaml")
 
 
 class SweepResume(Callback):
