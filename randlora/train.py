@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from .training.loggers import build_loggers, finish_wandb, publish_results
+    from .training.loggers import build_loggers, finish_wandb, lightning_lines_once, publish_results
     from .models import build_model
     from .training import folder as rf
     from .training import resume
@@ -74,6 +74,7 @@ def run(cfg: DictConfig) -> dict:
     from .training.config import resolve, validate_config, world_size
     from .training.preflight import check_sources
 
+    lightning_lines_once()  # Lightning's lines once, through Hydra's handlers (stdout and train.log)
     out = resume.output_dir(cfg)
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     results_path = out / "results.json"
@@ -289,6 +290,8 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     lines.append(f"run folder         {results['run_dir']}")
     lines += notes
     print("\n".join(lines), flush=True)
+    from .training.loggers import to_log_files
+    to_log_files("\n".join(lines))  # the run's train.log keeps the summary too
 
 
 def _release_memory() -> None:

@@ -54,6 +54,8 @@ def test_first_run_state(swept):
     assert results(s / "1")["exit"]["signal"] == 9
     assert [job_state(s / n) for n in "012"] == ["completed", "interrupted", "failed"]
     assert "to resume this sweep: python " in swept["first"].stdout
+    assert f"sweep folder  {s}" in swept["first"].stdout
+    assert f"report        python -m randlora.report {s}" in swept["first"].stdout
     assert f"hydra.sweep.dir={s}" in swept["first"].stdout
     assert "this run: 0 skipped, 0 resumed, 0 re-run, 3 new" in swept["first"].stdout
 
