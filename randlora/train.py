@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import SourceUnavailableError, UserError
 from .training.config import CONFIG_DIR
 from .training.folder import resume_run_dir, safe_name_resolver
+from .training.sweep import job_output_subdir, job_subdir
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -44,7 +45,8 @@ def bases_dtype_for(precision) -> str:
 
 for _name, _fn, _cached in (("uniq", lambda: secrets.token_hex(3), True), ("project_root", lambda: PROJECT_ROOT, False),
                             ("bases_dtype_for", bases_dtype_for, False), ("resume_run_dir", resume_run_dir, False),
-                            ("safe_name", safe_name_resolver, False)):
+                            ("safe_name", safe_name_resolver, False), ("sweep_job_subdir", job_subdir, False),
+                            ("sweep_output_subdir", job_output_subdir, False)):
     OmegaConf.register_new_resolver(_name, _fn, use_cache=_cached, replace=True)
 
 
@@ -61,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from .training.loggers import build_loggers, finish_wandb, publish_results
+    from .training.loggers import build_loggers, finish_wandb, lightning_lines_once, publish_results
     from .models import build_model
     from .training import folder as rf
     from .training import resume
@@ -72,6 +74,7 @@ def run(cfg: DictConfig) -> dict:
     from .training.config import resolve, validate_config, world_size
     from .training.preflight import check_sources
 
+    lightning_lines_once()  # Lightning's lines once, through Hydra's handlers (stdout and train.log)
     out = resume.output_dir(cfg)
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     results_path = out / "results.json"
@@ -287,6 +290,8 @@ def _print_summary(results: dict, notes: list[str]) -> None:
     lines.append(f"run folder         {results['run_dir']}")
     lines += notes
     print("\n".join(lines), flush=True)
+    from .training.loggers import to_log_files
+    to_log_files("\n".join(lines))  # the run's train.log keeps the summary too
 
 
 def _release_memory() -> None:
@@ -313,6 +318,13 @@ def is_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig):
     from .training.launch import run_job_in_child, should_isolate
+    from .training.sweep import current_job, skipped_objective
+    job = current_job()  # a job of a sweep re-run into its folder (randlora/training/sweep.py)
+    if job is not None and job.action == "skipped":
+        return skipped_objective(cfg, job)
+    if job is not None and job.action == "resumed":
+        with open_dict(cfg):
+            cfg.resume = str(job.folder)
     if should_isolate():  # a local multirun: this job runs in a process of its own (randlora/training/launch.py)
         return run_job_in_child(cfg)
     expected = (UserError, ValueError, SourceUnavailableError, FloatingPointError)

@@ -41,6 +41,7 @@ def doc_rows(section: str) -> list[tuple[str, list[str], str, str]]:
 
 NEW = doc_rows("Refused since issue 20")
 EARLIER = doc_rows("Refused before issue 20")
+SWEEP = doc_rows("Refused when a sweep folder is continued")
 
 
 def _raised_in(exc: BaseException) -> str:
@@ -74,6 +75,58 @@ def test_refused_since_issue_20(key, overrides, message, where):
 @pytest.mark.parametrize("key,overrides,message,where", EARLIER, ids=[" ".join(o) for _, o, _, _ in EARLIER])
 def test_refused_before_issue_20(key, overrides, message, where):
     _refusal(overrides, message, where)
+
+
+LOCK_HOLDER = ("import sys; from randlora.training.folder import acquire; acquire(sys.argv[1]); "
+               "print('locked', flush=True); sys.stdin.read()")
+
+
+@pytest.mark.parametrize("key,overrides,message,where", SWEEP, ids=[k for k, _, _, _ in SWEEP])
+def test_refused_when_a_sweep_is_continued(key, overrides, message, where, tmp_path):
+    """A sweep folder with one job (the example's overrides) whose recorded config has the row's key
+    edited, as if a default changed since it ran (``.lock``: whose folder another process holds)."""
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from randlora.training.folder import RunFolderError, release
+    from randlora.training.sweep import check_sweep_folder
+    task = [o for o in overrides if o != "-m"]
+    sweep = tmp_path / "s"
+    job = sweep / "0"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(task), job / ".hydra" / "overrides.yaml")
+    holder = None
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            recorded = OmegaConf.to_container(compose(config_name="train", overrides=task), resolve=False)
+            if key == ".lock":
+                (job / "results.json").write_text('{"status": "running"}')
+                holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(job)], cwd=ROOT,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert holder.stdout.readline().strip() == "locked"
+            else:
+                *path, name = key.split(".")
+                node = recorded
+                for part in path:
+                    node = node[part]
+                node[name] = 7
+            OmegaConf.save(OmegaConf.create(recorded), job / ".hydra" / "config.yaml")
+            cfg = compose(config_name="train", overrides=[*task, f"hydra.sweep.dir={sweep}"],
+                          return_hydra_config=True)
+            with pytest.raises(RunFolderError) as e:
+                check_sweep_folder(cfg)
+    finally:
+        release(sweep)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    text = str(e.value)
+    assert message in text and str(job) in text
+    assert "\n" not in text and len(text) < 1500
+    assert _raised_in(e.value) == where
+    assert sorted(p.name for p in job.iterdir()) == sorted([".hydra"] + (["results.json", ".lock"] if holder else []))
 
 
 def test_earlier_table_is_test_reliability_bad():

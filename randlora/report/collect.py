@@ -141,9 +141,11 @@ def collect(folders: Iterable[str | os.PathLike]) -> list[dict]:
             key = str(here.resolve())
             if key in seen:
                 continue
+            if RESULTS_FILE in filenames or has_hydra:
+                # a run's resumes/<time>/ folders hold each resume's own Hydra log and config, and a re-run
+                # sweep job's reruns/<time>/ its earlier files: not jobs
+                dirnames[:] = [d for d in dirnames if d not in ("resumes", "reruns")]
             if RESULTS_FILE in filenames:
-                # a run's resumes/<time>/ folders hold each resume's own Hydra log and config, not jobs
-                dirnames[:] = [d for d in dirnames if d != "resumes"]
                 seen.add(key)
                 rows.append(_load_job(here / RESULTS_FILE, str(folder)))
             elif has_hydra:

@@ -14,6 +14,7 @@ builds a model config's task network without data (for benchmarks and experiment
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 from omegaconf import DictConfig, OmegaConf
@@ -310,4 +311,7 @@ def trainer_kwargs(cfg) -> dict:
     """Lightning Trainer arguments of the resolved config (``training.config.resolve`` has made the
     epochs and the gradient accumulation explicit)."""
     t = _plain(cfg.trainer)
-    return {k: v for k, v in t.items() if v is not None}
+    out = {k: v for k, v in t.items() if v is not None}
+    if t.get("enable_progress_bar") is None:  # a progress bar only where someone watches it
+        out["enable_progress_bar"] = bool(sys.stdout.isatty())
+    return out

@@ -132,6 +132,26 @@ def acquire(folder) -> None:
     _HELD[key] = f
 
 
+def lock_holder(folder) -> dict | None:
+    """{"pid", "host", "since"} of the live process that holds ``folder``'s lock, else None; reads the
+    lock file without writing it."""
+    import fcntl
+    path = _lock_path(Path(folder).resolve())
+    if str(Path(folder).resolve()) in _HELD or not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                who = json.loads(f.read() or "{}")
+            except ValueError:
+                who = {}
+            return {"pid": who.get("pid", "?"), "host": who.get("host", "?"), "since": who.get("since", "?")}
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 def is_held(folder) -> bool:
     """Whether this process holds ``folder``'s lock."""
     return str(Path(folder).resolve()) in _HELD
@@ -203,10 +223,7 @@ class RunFolderCallback(_HydraCallback):
             return
         try:
             check_file_name(config.get("task_name", "train"), "task_name")
-            sweep = Path(str(config.hydra.sweep.dir))
-            if sweep.is_dir() and any(sweep.glob("*/results.json")):
-                raise RunFolderError(f"{sweep} already holds a sweep's jobs: a new sweep would overwrite them; "
-                                     "choose another hydra.sweep.dir")
+            # a sweep folder that already holds jobs: randlora.training.sweep.SweepResume
         except RunFolderError as e:
             _fail(str(e))
 

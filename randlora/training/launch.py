@@ -25,7 +25,8 @@ died without recording it, writes ``"status": "failed"`` with the cause ("killed
 Exit status of a multirun (:class:`SweepSummary`, a Hydra callback in configs/hydra/default.yaml):
 0 when at least one job completed, failed jobs included (a diverging learning rate is a result of a
 sweep, and the report lists it), 1 when no job completed. After the sweep it prints each failed job with
-its cause, the sweep folder and the report command.
+its cause, the sweep folder, the report command and the command that continues the sweep (re-run into
+its folder: randlora/training/sweep.py).
 """
 from __future__ import annotations
 
@@ -385,12 +386,16 @@ def run_job_in_child(cfg):
     (``results.json`` metrics[``optimized_metric``]; NaN for a failed job, as in-process jobs do)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
+    from .resume import resume_dir
     hc = HydraConfig.get()
-    results_path = Path(str(hc.runtime.output_dir)).resolve() / "results.json"
+    # a resumed job (resume=<job folder>) writes into its folder; Hydra's output is <job>/resumes/<time>/
+    results_path = (resume_dir(cfg) or Path(str(hc.runtime.output_dir)).resolve()) / "results.json"
     cwd = get_original_cwd()
     env = {**os.environ, SWEEP_ENV: str(Path(str(hc.sweep.dir)).resolve())}
     job_env = {JOB_ENV: str(hc.job.num)}
     args = job_arguments(hc)
+    if resume_dir(cfg) is not None and not any(o.startswith("resume=") for o in hc.overrides.task):
+        args.append(f"resume={_quote(str(resume_dir(cfg)))}")  # a resumed job of a re-run sweep (sweep.py)
     t0 = time.monotonic()
     server = _fork_server(cwd, env)
     job = server.start(args, job_env) if server is not None else None
@@ -468,8 +473,9 @@ def sweep_outcome(sweep_dir) -> dict:
 
 
 class SweepSummary(Callback):
-    """After a multirun: the failed jobs with their causes, the sweep folder, the report command; exit
-    status 1 when no job completed (see the module docstring)."""
+    """After a multirun: the failed jobs with their causes, how many jobs this run skipped / resumed /
+    re-ran / added (randlora/training/sweep.py), the sweep folder, the report command and the command
+    that continues the sweep; exit status 1 when no job completed (see the module docstring)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         close_fork_server()
@@ -480,7 +486,13 @@ class SweepSummary(Callback):
         for r in failed:
             job = os.path.relpath(r["run_dir"], sweep)
             lines.append(f"   job {job} {r['status']}: {r.get('error') or 'no results.json'}"[:400])
-        lines += [f"sweep folder  {sweep}", f"report        python -m randlora.report {sweep}"]
+        from .sweep import counts, resume_command
+        this_run = counts(sweep)
+        if this_run is not None:
+            lines.append("   this run: " + ", ".join(f"{n} {what}" for what, n in this_run.items())
+                         + " (skipped: completed earlier)")
+        lines += [f"sweep folder  {sweep}", f"report        python -m randlora.report {sweep}",
+                  f"to resume this sweep: {resume_command(sweep)}"]
         print("\n".join(lines), flush=True)
         if not done:
             print("error: no job of the sweep completed (see the causes above)", file=sys.stderr, flush=True)

@@ -392,3 +392,29 @@ def finish_wandb():
                 wandb.finish()
     except Exception:
         pass
+
+
+def lightning_lines_once() -> None:
+    """Lightning's package logger (``lightning``) prints its lines ("GPU available ...") with a console
+    handler of its own and also passes them to the root logger, whose handlers (Hydra's: stdout and the
+    run's ``train.log``) print them again: every line appeared twice. When the root logger has handlers,
+    Lightning's own console handlers are removed and its lines go through the root's only."""
+    import logging
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
+def to_log_files(text: str) -> None:
+    """Append ``text`` to the files the root logger writes (the run's ``train.log``), not to the console
+    (where it has been printed already)."""
+    import logging
+    record = logging.LogRecord("randlora", logging.INFO, __file__, 0, text, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
