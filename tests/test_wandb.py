@@ -290,7 +290,9 @@ def test_publish_results_sets_sortable_summary_and_plottable_config(tmp_path, of
                   provenance=provenance({"optim": {"lr": 0.01}}, {"optim": {"lr": None}}),
                   budget_match={"budget": 5000.0, "achieved": 5056, "deviation": 0.0112, "tolerance": 0.02,
                                 "knob": "r", "rank_counts": {"1": 12}, "ranks": {"blocks.0.attn.qkv": 1},
-                                "warnings": []})
+                                "warnings": []},
+                  lowrank={"rank": 1, "overall_rel_error": 0.41, "mean_rel_error": 0.39, "max_rel_error": 0.57,
+                           "rank99_mean": 3.5, "layers": {"blocks.0.attn.qkv": 0.41}})
     assert check(record, missing_ok=("compile", "data", "identity", "attempts", "bases_checksum")) == []
     publish_results(loggers, record)
     finish_wandb()
@@ -304,6 +306,8 @@ def test_publish_results_sets_sortable_summary_and_plottable_config(tmp_path, of
     assert run.summary["val/acc"] == {"max": 0.7, "last": 0.6}  # sortable by its best, not overwritten
     assert run.summary["val/loss"] == {"min": 1.3, "last": 1.4} and run.summary["test/acc"] == 0.65
     assert run.summary["budget_match/deviation"] == 0.0112
+    assert run.summary["lowrank/overall_rel_error"] == 0.41 and run.summary["lowrank/rank"] == 1
+    assert "lowrank/layers" not in run.summary  # per-layer values stay in results.json
 
     class ApiRun:  # what wandb.Api().runs() returns, filled from the offline file
         summary, config, state, group = run.summary, run.config, "finished", run.group
@@ -312,6 +316,7 @@ def test_publish_results_sets_sortable_summary_and_plottable_config(tmp_path, of
     assert (row["method"], row["budget"], row["shots"], row["r"], row["sweep"]) == ("lora", 5000, 4, 1, "budget_sweep")
     assert row["trainable"] == 5706 and row["step_time_s"] == 0.012 and row["lr"] == 0.01
     assert row["budget_deviation"] == 0.0112 and row["status"] == "completed"
+    assert row["lowrank_error"] == 0.41 and row["lowrank_rank"] == 1  # the report's "Full rank matters" table
     assert row["metrics"] == {"val/acc": 0.6, "val/loss": 1.4, "test/acc": 0.65}
 
 

@@ -63,7 +63,7 @@ WANDB_STATE = {"finished": "completed", "failed": "failed", "crashed": "failed",
 _FALLBACKS = {"method": ["adapter.method"], "r": ["adapter.r"], "budget": ["adapter.budget"], "model": ["model.name"],
               "dataset": ["data.name"], "task": ["task.kind"], "shots": ["data.shots"], "fraction": ["data.fraction"],
               "sweep": ["group"]}
-_SECTIONS = ("params", "perf", "provenance", "budget_match")
+_SECTIONS = ("params", "perf", "provenance", "budget_match", "lowrank")
 
 
 def wandb_run_to_results(run: Any) -> dict:

@@ -346,7 +346,7 @@ def results_config(record: dict) -> dict:
 
 def results_summary(record: dict, logged=()) -> dict:
     """The W&B summary keys of a results.json record: ``status`` (and ``error``), ``params/*``, the scalar
-    ``perf/*`` and the metrics not already in the summary (``logged``: those the trainer logged keep the
+    ``perf/*``, the budget deviation, the scalar ``lowrank/*`` ("full rank matters") and the metrics not already in the summary (``logged``: those the trainer logged keep the
     summary W&B made of them, e.g. val/acc's max and last)."""
     out = {"status": record.get("status")}
     if record.get("error"):
@@ -358,6 +358,7 @@ def results_summary(record: dict, logged=()) -> dict:
     match = record.get("budget_match") or {}
     if "deviation" in match:
         out["budget_match/deviation"] = match["deviation"]
+    out.update({f"lowrank/{k}": v for k, v in (record.get("lowrank") or {}).items() if _scalar(v) and v is not None})
     return out
 
 
