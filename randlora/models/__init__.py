@@ -14,6 +14,7 @@ data's. A load that fails anyway raises :class:`SourceUnavailableError` naming w
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,15 @@ def sniff_weights_file(path, what: str) -> None:
     if problem:
         raise SourceUnavailableError(f"{what}: {p!r} is not a weights file ({problem}); pass model.pretrained=<a "
                                      "state dict saved with safetensors.torch.save_file or torch.save>")
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def weights_file_problems(path, what: str) -> list[str]:

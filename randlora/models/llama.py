@@ -2,7 +2,10 @@
 
 ``model.pretrained`` is a hub id or a local ``save_pretrained`` folder; ``model.model_type`` is the
 architecture the config expects (``llama``, ``qwen2``, ``phi3``): a folder or hub copy of another
-architecture is refused before its weights are read. With the hub unreachable, everything is read
+architecture is refused before its weights are read. ``model.sha256`` ({file: hex digest}) pins the
+files of a local folder (the shipped ``assets/tiny_llama_commonsense``): a missing or changed file is
+refused before anything is read. A local folder with ``model.safetensors`` is loaded from it only
+(never from a pickle beside it). With the hub unreachable, everything is read
 from the local cache only (``local_files_only``), without retries.
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 
 import torch
 
-from . import ModelBundle, SourceUnavailableError, is_local_path, short_error
+from . import ModelBundle, SourceUnavailableError, file_sha256, is_local_path, short_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -44,8 +47,23 @@ def _cached_tokenizer(repo: str) -> bool:
         cached_hub_file(repo, f) for f in TOKENIZER_FILES)
 
 
-def _folder_problem(path: str, expected_type: str | None) -> str | None:
-    """Why a local path is not a save_pretrained folder of the expected architecture (None if it is)."""
+def checksum_problem(path: str, sha256) -> str | None:
+    """Why the files of folder ``path`` do not match ``sha256`` ({file name: hex digest}); None if they do."""
+    for name, want in dict(sha256 or {}).items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{path!r} has no {name} (its SHA-256 is recorded in the model config)"
+        got = file_sha256(f)
+        if got != str(want).lower():
+            return (f"{f!r} has SHA-256 {got[:16]}..., not the {str(want)[:16]}... the model config records: the file "
+                    "is damaged or was replaced; restore it (git checkout -- <file>) or, if it was remade on purpose, "
+                    "record the new sums in the model config (model.sha256)")
+    return None
+
+
+def _folder_problem(path: str, expected_type: str | None, sha256=None) -> str | None:
+    """Why a local path is not a save_pretrained folder of the expected architecture, or not the files
+    ``sha256`` pins (None if it is)."""
     if not os.path.exists(path):
         return f"local folder {path!r} does not exist"
     if not os.path.isdir(path):
@@ -63,7 +81,7 @@ def _folder_problem(path: str, expected_type: str | None) -> str | None:
                 "pass a folder of that model or the matching model= config")
     if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
         return f"{path!r} has no weights ({' / '.join(WEIGHT_FILES)})"
-    return None
+    return checksum_problem(path, sha256)
 
 
 HOW = ("on a machine with network run `hf download {id}` (gated models: `hf auth login` first) and copy the cache "
@@ -75,7 +93,7 @@ def source_problems(cfg, hub) -> list[str]:
         return []
     name, source = cfg.get("name"), str(cfg.get("pretrained"))
     if is_local_path(source):
-        why = _folder_problem(os.path.expanduser(source), cfg.get("model_type"))
+        why = _folder_problem(os.path.expanduser(source), cfg.get("model_type"), cfg.get("sha256"))
         return [f"the causal LM {name}: {why}"] if why else []
     if hub.online:  # the hub serves it (an id that does not exist fails at load, naming the id)
         return []
@@ -121,7 +139,7 @@ def build_causal_lm(cfg) -> ModelBundle:
         local = is_local_path(source)
         if local:
             source = os.path.expanduser(source)
-            why = _folder_problem(source, expected)
+            why = _folder_problem(source, expected, cfg.get("sha256"))
             if why:
                 raise SourceUnavailableError(f"the causal LM {name}: {why}")
         hub = hub_status()
@@ -143,7 +161,9 @@ def build_causal_lm(cfg) -> ModelBundle:
             raise SourceUnavailableError(f"the tokenizer of causal LM {name} ({source}) could not be read from {where} "
                                          f"({short_error(e)}).{fix}") from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, local_files_only=offline)
+            safe = {"use_safetensors": True} if local and os.path.isfile(os.path.join(source, "model.safetensors")) else {}
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, local_files_only=offline,
+                                                         **safe)
         except Exception as e:  # noqa: BLE001
             raise SourceUnavailableError(f"the weights of causal LM {name} ({source}) could not be read from {where} "
                                          f"({short_error(e)}).{fix}") from None
