@@ -82,7 +82,8 @@ def main_vit(argv=None):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, args.out)
-    print(f"wrote {args.out} ({sum(v.numel() for v in state.values()):,} parameters)")
+    print(f"wrote {args.out} ({sum(v.numel() for v in state.values()):,} parameters); record in "
+          f"configs/model/tiny_vit_digits.yaml:\nsha256: {file_sha256(args.out)}")
 
 
 # ------------------------------------------------------------------------------------------ tiny LLaMA

@@ -292,6 +292,29 @@ def test_dinov2_518px_state_dict_loads_at_224px(tmp_path, original_format):
 
 
 # ------------------------------------------------------------------ errors that say what is wrong
+def test_a_damaged_copy_of_the_shipped_digits_vit_is_refused_before_loading(tmp_path):
+    """model=tiny_vit_digits pins its asset's SHA-256: a byte flipped inside a tensor (the file still parses as
+    safetensors) is refused by the preflight and the builder, naming the fix; an intact copy loads, and
+    model.sha256=null checks nothing."""
+    import shutil
+
+    from randlora.hub import HubStatus
+    from randlora.models import source_problems
+    asset = ROOT / "assets" / "tiny_vit_digits04.safetensors"
+    intact, damaged = tmp_path / "intact.safetensors", tmp_path / "damaged.safetensors"
+    shutil.copy(asset, intact)
+    data = bytearray(asset.read_bytes())
+    data[-5] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    cfg = compose_cfg(["model=tiny_vit_digits", f"model.pretrained={damaged}"]).model
+    [problem] = source_problems(cfg, HubStatus(online=False, reason="test"))
+    assert "SHA-256" in problem and "model.sha256" in problem
+    with pytest.raises(SourceUnavailableError, match="SHA-256 .* the model config records"):
+        build_model(cfg)
+    build_model(compose_cfg(["model=tiny_vit_digits", f"model.pretrained={intact}"]).model)
+    build_model(compose_cfg(["model=tiny_vit_digits", f"model.pretrained={damaged}", "model.sha256=null"]).model)
+
+
 def test_a_text_file_is_reported_as_not_a_weights_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("these are my notes, not weights\n")

@@ -54,9 +54,11 @@ def is_local_path(source) -> bool:
         or s.count("/") >= 2
 
 
-def sniff_weights_file(path, what: str) -> None:
+def sniff_weights_file(path, what: str, sha256=None) -> None:
     """Refuse, in one line, a local weights path that does not exist, is a folder or is not a weights
-    file (safetensors, or a PyTorch zip / pickle file); cheap: only the file's header is read."""
+    file (safetensors, or a PyTorch zip / pickle file), and one whose SHA-256 is not ``sha256`` (the model
+    config's ``sha256``, when it pins the file); cheap: only the file's header is read, and the file is
+    hashed only when a sum is pinned."""
     p = os.path.expanduser(str(path))
     if not os.path.exists(p):
         raise SourceUnavailableError(f"{what}: local file {p!r} does not exist; pass model.pretrained=<an existing "
@@ -68,6 +70,9 @@ def sniff_weights_file(path, what: str) -> None:
     if problem:
         raise SourceUnavailableError(f"{what}: {p!r} is not a weights file ({problem}); pass model.pretrained=<a "
                                      "state dict saved with safetensors.torch.save_file or torch.save>")
+    problem = checksum_problem(p, sha256)
+    if problem:
+        raise SourceUnavailableError(f"{what}: {problem}")
 
 
 def file_sha256(path) -> str:
@@ -79,10 +84,30 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def weights_file_problems(path, what: str) -> list[str]:
+def checksum_problem(path: str, sha256) -> str | None:
+    """Why ``path`` does not match ``sha256``: a hex digest when ``path`` is a file, {file name: hex digest}
+    when it is a folder; None if it does (or nothing is pinned)."""
+    if not sha256:
+        return None
+    if isinstance(sha256, str):
+        pairs = [(path, sha256)]
+    else:
+        pairs = [(os.path.join(path, name), want) for name, want in dict(sha256).items()]
+    for f, want in pairs:
+        if not os.path.isfile(f):
+            return f"{path!r} has no {os.path.basename(f)} (its SHA-256 is recorded in the model config)"
+        got = file_sha256(f)
+        if got != str(want).lower():
+            return (f"{f!r} has SHA-256 {got[:16]}..., not the {str(want)[:16]}... the model config records: the file "
+                    "is damaged or was replaced; restore it (git checkout -- <file>), or, if it was remade on purpose "
+                    "or is another model's, record its sum in model.sha256 (model.sha256=null checks nothing)")
+    return None
+
+
+def weights_file_problems(path, what: str, sha256=None) -> list[str]:
     """``sniff_weights_file``'s refusal as a preflight problem list ([] for a readable weights file)."""
     try:
-        sniff_weights_file(path, what)
+        sniff_weights_file(path, what, sha256)
     except SourceUnavailableError as e:
         return [str(e)]
     return []

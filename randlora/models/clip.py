@@ -93,7 +93,7 @@ def source_problems(cfg, hub) -> list[str]:
     if not pretrained:
         return []
     if is_local_path(pretrained):
-        return weights_file_problems(pretrained, what)
+        return weights_file_problems(pretrained, what, cfg.get("sha256"))
     if cfg.get("tiny") or not arch:
         return [f"{what}: model.pretrained={pretrained!r} names no local file (a tiny model reads weights from a file)"]
     import open_clip
@@ -200,7 +200,7 @@ def build_open_clip(cfg) -> ModelBundle:
     if pretrained:
         if is_local_path(pretrained):
             path = os.path.expanduser(str(pretrained))
-            sniff_weights_file(path, what)
+            sniff_weights_file(path, what, cfg.get("sha256"))
         elif cfg.get("tiny") or not arch:
             raise SourceUnavailableError(f"{what}: model.pretrained={pretrained!r} names no local file")
         else:

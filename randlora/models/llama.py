@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from . import ModelBundle, SourceUnavailableError, file_sha256, is_local_path, short_error
+from . import ModelBundle, SourceUnavailableError, checksum_problem, is_local_path, short_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -45,20 +45,6 @@ def _cached_tokenizer(repo: str) -> bool:
     from ..hub import cached_hub_file
     return bool(cached_hub_file(repo, "tokenizer_config.json")) and any(
         cached_hub_file(repo, f) for f in TOKENIZER_FILES)
-
-
-def checksum_problem(path: str, sha256) -> str | None:
-    """Why the files of folder ``path`` do not match ``sha256`` ({file name: hex digest}); None if they do."""
-    for name, want in dict(sha256 or {}).items():
-        f = os.path.join(path, name)
-        if not os.path.isfile(f):
-            return f"{path!r} has no {name} (its SHA-256 is recorded in the model config)"
-        got = file_sha256(f)
-        if got != str(want).lower():
-            return (f"{f!r} has SHA-256 {got[:16]}..., not the {str(want)[:16]}... the model config records: the file "
-                    "is damaged or was replaced; restore it (git checkout -- <file>) or, if it was remade on purpose, "
-                    "record the new sums in the model config (model.sha256)")
-    return None
 
 
 def _folder_problem(path: str, expected_type: str | None, sha256=None) -> str | None:

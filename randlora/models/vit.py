@@ -87,7 +87,7 @@ def source_problems(cfg, hub) -> list[str]:
     if pretrained in (None, False, "none"):
         return []
     if is_local_path(pretrained):
-        return weights_file_problems(pretrained, what)
+        return weights_file_problems(pretrained, what, cfg.get("sha256"))
     tag = _tag(cfg)
     if not tag_config(arch, tag):
         return [f"{what}: {pretrained!r} is neither a local file nor a pretrained tag of timm {arch}"]
@@ -158,7 +158,7 @@ def build_timm(cfg) -> ModelBundle:
     else:
         if is_local_path(pretrained):
             source, tag = os.path.expanduser(str(pretrained)), None
-            sniff_weights_file(source, what)
+            sniff_weights_file(source, what, cfg.get("sha256"))
         else:
             tag = _tag(cfg)
             if not tag_config(arch, tag):
