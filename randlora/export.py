@@ -28,7 +28,6 @@ line before anything is built or written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -45,14 +44,6 @@ MERGED_FILE = "model.safetensors"
 
 class ExportError(ValueError):
     """A request the exporter refuses (one line: what is wrong and what to do)."""
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -156,6 +147,7 @@ def rebuild(run_dir, results: dict | None = None):
 
 def _record(run_dir, results: dict, fmt: str, model) -> dict:
     from .adapters import adapter_meta
+    from .models import file_sha256
     run = Path(run_dir).resolve()
     meta = adapter_meta(model)
     return {
@@ -170,8 +162,8 @@ def _record(run_dir, results: dict, fmt: str, model) -> dict:
         "trainable": (results.get("params") or {}).get("trainable"),
         "adapter_params": (results.get("params") or {}).get("adapter"),
         "git_commit": (((results.get("provenance") or {}).get("git")) or {}).get("commit"),
-        "results_sha256": sha256_file(run / "results.json"),
-        "adapter_file_sha256": sha256_file(run / ADAPTER_FILE),
+        "results_sha256": file_sha256(run / "results.json"),
+        "adapter_file_sha256": file_sha256(run / ADAPTER_FILE),
         "adapter_options": meta.get("options"),
         "library": results.get("config", {}).get("model", {}).get("family"),
         "arch": results.get("config", {}).get("model", {}).get("arch"),
@@ -217,6 +209,10 @@ def export_run(run_dir, fmt: str, out, *, rank: int | None = None, energy: float
                 bundle.tokenizer.save_pretrained(str(out))
                 files.append("tokenizer files")
             record["files"] = files
+            # the run's model config may pin its shipped folder's files (model.sha256): this folder is another
+            record["load"] = (f"transformers AutoModelForCausalLM.from_pretrained({str(out.resolve())!r}); in randlora: "
+                              f"model={cfg.model.name}" + (" model.tiny=null" if cfg.model.get("tiny") else "")
+                              + f" model.pretrained={out.resolve()}" + (" model.sha256=null" if cfg.model.get("sha256") else ""))
         else:
             from safetensors.torch import save_file
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

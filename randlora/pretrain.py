@@ -83,7 +83,7 @@ def main_vit(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, args.out)
     print(f"wrote {args.out} ({sum(v.numel() for v in state.values()):,} parameters); record in "
-          f"configs/model/tiny_vit_digits.yaml:\nsha256: {file_sha256(args.out)}")
+          f"configs/model/tiny_vit_digits.yaml:\nsha256:\n  {Path(args.out).name}: {file_sha256(args.out)}")
 
 
 # ------------------------------------------------------------------------------------------ tiny LLaMA

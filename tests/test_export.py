@@ -168,11 +168,13 @@ def test_merged_vit_loads_in_timm_and_through_model_pretrained(runs, name, tmp_p
     with torch.no_grad():
         want = f(net)
         torch.testing.assert_close(f(model), want, **TOL)
-        # randlora's model.pretrained= builds the merged backbone (the head is a task's own)
-        over = compose_cfg(VIT + [f"model.pretrained={tmp_path / 'm' / 'model.safetensors'}"])
+        # randlora's model.pretrained= builds the merged backbone (the head is a task's own), with the overrides
+        # export.json gives (the run's model config pins its shipped asset's SHA-256: the export is another file)
+        record = json.loads((tmp_path / "m" / "export.json").read_text())
+        over = compose_cfg(record["load"].split("in randlora: ")[1].split() + ["data=digits"])
+        assert over.model.pretrained == str((tmp_path / "m" / "model.safetensors").resolve())
         backbone = build_model(over.model).backbone.eval()
         torch.testing.assert_close(net.head(backbone(x)), want, **TOL)
-    record = json.loads((tmp_path / "m" / "export.json").read_text())
     assert record["format"] == "merged" and record["method"] == results(runs[name])["method"]
     assert record["num_classes"] == 10 and record["files"] == ["model.safetensors"]
 
@@ -188,7 +190,9 @@ def test_merged_llama_loads_in_transformers_and_through_model_pretrained(runs, t
     with torch.no_grad():
         want = f(net)
         torch.testing.assert_close(f(AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()), want, **TOL)
-        over = compose_cfg(LLAMA + ["model.tiny=null", f"model.pretrained={tmp_path / 'm'}"])
+        record = json.loads((tmp_path / "m" / "export.json").read_text())
+        over = compose_cfg(record["load"].split("in randlora: ")[1].split() + ["data=commonsense_tiny"])
+        assert over.model.pretrained == str((tmp_path / "m").resolve()) and over.model.tiny is None
         bundle = build_model(over.model)
         torch.testing.assert_close(f(bundle.backbone.eval()), want, **TOL)
     assert bundle.tokenizer("a b c").input_ids == reference_tokenizer(cfg)("a b c").input_ids

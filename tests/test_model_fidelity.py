@@ -293,15 +293,18 @@ def test_dinov2_518px_state_dict_loads_at_224px(tmp_path, original_format):
 
 # ------------------------------------------------------------------ errors that say what is wrong
 def test_a_damaged_copy_of_the_shipped_digits_vit_is_refused_before_loading(tmp_path):
-    """model=tiny_vit_digits pins its asset's SHA-256: a byte flipped inside a tensor (the file still parses as
-    safetensors) is refused by the preflight and the builder, naming the fix; an intact copy loads, and
-    model.sha256=null checks nothing."""
+    """model=tiny_vit_digits pins its asset's SHA-256 (by file name): a byte flipped inside a tensor (the file
+    still parses as safetensors) is refused by the preflight and the builder, naming the fix; an intact copy
+    loads, and model.sha256=null checks nothing (a file of another name, e.g. a merged export, is not the
+    pinned asset: tests/test_export.py loads one with this config)."""
     import shutil
 
     from randlora.hub import HubStatus
     from randlora.models import source_problems
     asset = ROOT / "assets" / "tiny_vit_digits04.safetensors"
-    intact, damaged = tmp_path / "intact.safetensors", tmp_path / "damaged.safetensors"
+    (tmp_path / "intact").mkdir()
+    (tmp_path / "damaged").mkdir()
+    intact, damaged = tmp_path / "intact" / asset.name, tmp_path / "damaged" / asset.name
     shutil.copy(asset, intact)
     data = bytearray(asset.read_bytes())
     data[-5] ^= 0x01

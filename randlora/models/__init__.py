@@ -85,14 +85,19 @@ def file_sha256(path) -> str:
 
 
 def checksum_problem(path: str, sha256) -> str | None:
-    """Why ``path`` does not match ``sha256``: a hex digest when ``path`` is a file, {file name: hex digest}
-    when it is a folder; None if it does (or nothing is pinned)."""
+    """Why ``path`` does not match the sums ``sha256`` ({file name: hex digest}, a model config's
+    ``model.sha256``) pins; None if it does or nothing is pinned. A folder must hold every file named; a
+    single file is checked when its name is pinned (another file, e.g. a run's merged export loaded with
+    the same model config, is not the pinned asset)."""
     if not sha256:
         return None
-    if isinstance(sha256, str):
-        pairs = [(path, sha256)]
+    pins = dict(sha256)
+    if os.path.isdir(path):
+        pairs = [(os.path.join(path, name), want) for name, want in pins.items()]
+    elif os.path.basename(path) in pins:
+        pairs = [(path, pins[os.path.basename(path)])]
     else:
-        pairs = [(os.path.join(path, name), want) for name, want in dict(sha256).items()]
+        return None
     for f, want in pairs:
         if not os.path.isfile(f):
             return f"{path!r} has no {os.path.basename(f)} (its SHA-256 is recorded in the model config)"

@@ -115,10 +115,10 @@ def import_peft_adapter(cfg, network: Network) -> dict:
     when PEFT adapted ``timm.create_model(arch, num_classes=C)``, timm's (``blocks.0...``, ``head``): the
     latter is imported into timm's model and moved over (``randlora.training.native``). Returns what
     ``inject_adapter`` returns, and ``source``: the folder and the checksums of its files."""
-    import hashlib
     from pathlib import Path
 
     from ..adapters import adapter_meta, adapter_state_dict, import_peft, load_adapter_state_dict
+    from ..models import file_sha256
     from .native import BACKBONE, move_adapter_state, native_model, wraps_backbone
     folder = Path(str(cfg.adapter.from_peft)).expanduser().resolve()
     if wraps_backbone(cfg) and not _names_modules_under(folder, BACKBONE):
@@ -132,7 +132,7 @@ def import_peft_adapter(cfg, network: Network) -> dict:
     for key, name in (("adapter_config_sha256", "adapter_config.json"), ("weights_sha256", "adapter_model.safetensors"),
                       ("weights_sha256", "adapter_model.bin")):
         if (folder / name).is_file() and key not in source:
-            source[key] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            source[key] = file_sha256(folder / name)
     import json
     source["peft_type"] = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
     return {"method": meta["method"], "r": meta["options"].get("r"), "budget": None, "budget_match": None,
