@@ -28,6 +28,21 @@ def compose_cfg(overrides, out_dir=None):
     return cfg
 
 
+def refused_in_one_line(overrides, message: str) -> ValueError:
+    """The config check's refusal of ``overrides``: one line (under 1,500 characters) that contains
+    ``message``; returns the exception."""
+    import pytest
+
+    from randlora.training.config import validate_config
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ValueError) as e:
+        validate_config(cfg)
+    text = str(e.value)
+    assert message in text
+    assert "\n" not in text and len(text) < 1500
+    return e.value
+
+
 def env():
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", WANDB_MODE=e.get("WANDB_MODE", "offline"), HF_HUB_OFFLINE="1",
