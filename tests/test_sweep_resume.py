@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from randlora.training.sweep import job_state, match_key
+from randlora.training.sweep import Sweep, job_state, match_key, recorded_job_overrides
 from tests.helpers import CONFIGS, assert_same_run, compose_cfg, results, train_cli
 
 TINY = ["model=tiny_vit", "trainer=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
@@ -122,6 +122,36 @@ def test_match_key_ignores_order_and_what_does_not_change_the_computation():
     a = match_key(["seed=1", "adapter=lora", "callbacks.kill_at_step=3", "logger=wandb", "data.num_workers=4"])
     assert a == match_key(["adapter=lora", "seed=1"]) == ("adapter=lora", "seed=1")
     assert match_key(["seed=2", "adapter=lora"]) != a
+    # one override however it is spelt: the add / force-add prefix, a number's notation
+    assert match_key(["++trainer.max_epochs=1", "optim.lr=1e-3"]) == match_key(["optim.lr=0.001",
+                                                                                "trainer.max_epochs=1"])
+
+
+@pytest.mark.parametrize("a,b", [(["seed=1", "train=false"], ["seed=1"]),                   # an evaluation
+                                 (["ckpt_path=/r/a.ckpt", "train=false"], ["ckpt_path=/r/b.ckpt", "train=false"]),
+                                 (["adapter.from_peft=/p/a", "train=false"], ["adapter.from_peft=/p/b", "train=false"]),
+                                 (["model.pretrained=/w/a.safetensors"], ["model.pretrained=/w/b.safetensors"]),
+                                 (["data.path=/d/a"], ["data.path=/d/b"])])
+def test_jobs_that_do_or_read_something_else_are_other_jobs(a, b):
+    """A job is not matched to the folder of a job that evaluated instead of trained, or read other weights,
+    another checkpoint, adapter or data: that folder's "completed" says nothing of this job."""
+    assert match_key(a) != match_key(b)
+
+
+def test_a_damaged_folder_is_run_again_not_trusted(tmp_path):
+    """A results.json that does not parse is a failed job (run again, the file moved to reruns/), not an
+    interrupted one resumed from its last checkpoint; an empty overrides.yaml matches no job; a file with a
+    job's number keeps that number taken."""
+    job = tmp_path / "s" / "0"
+    (job / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 4, "epoch": 1}, job / "checkpoints" / "last.ckpt")
+    (job / "results.json").write_text('{"status": "comple')
+    assert job_state(job) == "failed"
+    (job / ".hydra").mkdir()
+    (job / ".hydra" / "overrides.yaml").write_text("")
+    assert recorded_job_overrides(job) is None
+    (tmp_path / "s" / "1").write_text("notes")
+    assert Sweep(tmp_path / "s").job(0, ["seed=1"]).folder.name == "2"
 
 
 def test_job_state(tmp_path):

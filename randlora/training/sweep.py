@@ -5,9 +5,12 @@ has a timestamp, so a re-run names it) treats each job of the sweep as follows:
 
 * **match**: a job is matched to an existing job folder by its overrides (the folder's
   ``.hydra/overrides.yaml``), not by its number, so a re-run whose order or extent differs (a value
-  added to a swept key) still finds each job. Overrides that do not change what a job computes
-  (``randlora.training.folder``: ``ATTEMPT`` and ``INFRA`` keys such as ``callbacks.kill_at_step``,
-  ``logger``, ``data.num_workers``) are left out of the match; their order does not matter.
+  added to a swept key) still finds each job. Overrides are compared as Hydra parses them (``+k=v``,
+  ``++k=v`` and ``k=v`` are one override; ``1e-3`` is ``0.001``), in any order. Only overrides that change
+  neither what a job computes nor what it reads (``NOT_IDENTITY``: ``callbacks.*``, ``logger``,
+  ``data.num_workers``, ...) are left out of the match: ``train``, ``ckpt_path``, ``adapter.from_peft``,
+  ``model.pretrained``, ``data.path`` and the rest identify a job (an evaluation is not its training, a
+  job on other weights is another job).
 * **skip** a matched job whose ``results.json`` says ``completed``: nothing of its folder is written, and
   its objective (an Optuna search's return value) is read from that file;
 * **resume** a matched job that was interrupted (no results.json, ``running``, or ``failed`` because a
@@ -33,6 +36,7 @@ refused as before.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shlex
 import sys
@@ -57,29 +61,63 @@ def _stamp() -> str:
     return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
 
 
+# Overrides a re-run may add, drop or change and still find its job: they change neither what the job
+# computes nor what it reads (kill_at_step is how a job is stopped on purpose; resume is the sweep's own).
+# Every other override identifies the job. Leaving a key in costs at most a job run again; leaving one out
+# that matters would skip a job on another job's results.
+NOT_IDENTITY = ("resume", "callbacks", "logger", "hydra", "data.num_workers", "trainer.enable_progress_bar",
+                "trainer.log_every_n_steps", "tags", "group", "task_name", "optimized_metric")
+
+
+def canonical_override(override: str) -> tuple[str, str]:
+    """(key, value) of one override as Hydra parses it: the ``+`` / ``++`` prefix dropped, the value in
+    one spelling (``1e-3`` and ``0.001`` alike); a deletion keeps its ``~``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:
+        ov = OverridesParser.create().parse_overrides([str(override)])[0]
+    except Exception:  # noqa: BLE001 - not an override Hydra parses: compared as written
+        return rf.override_key(str(override)), str(override)
+    key = ov.key_or_group + (f"@{ov.package}" if ov.package else "")
+    if ov.is_delete():
+        return key, f"~{override}"
+    value = ov.value()
+    return key, value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
 def match_key(overrides) -> tuple:
-    """What identifies a job among the folders of its sweep: its overrides that change what it
-    computes, in a canonical order."""
-    return tuple(sorted(str(o) for o in overrides
-                        if not rf.is_attempt(rf.override_key(str(o))) and not rf.is_infra(rf.override_key(str(o)))))
+    """What identifies a job among the folders of its sweep: its overrides but those in ``NOT_IDENTITY``,
+    canonical (:func:`canonical_override`) and sorted."""
+    out = []
+    for o in overrides:
+        key, value = canonical_override(o)
+        if not any(key == p or key.startswith(p + ".") for p in NOT_IDENTITY):
+            out.append(value if value.startswith("~") else f"{key}={value}")
+    return tuple(sorted(out))
 
 
 def recorded_job_overrides(job_dir: Path) -> list[str] | None:
+    """The overrides a job folder's ``.hydra/overrides.yaml`` records; None when there is none, or it is not
+    a list (an empty or half-written file matches no job)."""
     p = Path(job_dir) / ".hydra" / "overrides.yaml"
     if not p.is_file():
         return None
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
     try:
-        return [str(o) for o in OmegaConf.load(p)]
+        recorded = OmegaConf.load(p)
     except Exception:  # noqa: BLE001 - an unreadable record matches no job
         return None
+    return [str(o) for o in recorded] if isinstance(recorded, ListConfig) else None
 
 
 def job_state(job_dir: Path) -> str:
     """``completed``, ``interrupted`` (stopped from outside, with a checkpoint to continue from) or
     ``failed`` (an error of its own, or stopped before its first checkpoint)."""
     from .checkpoints import newest_checkpoint
-    res = rf.read_results(Path(job_dir) / "results.json") or {}
+    path = Path(job_dir) / "results.json"
+    res = rf.read_results(path)
+    if res is None and path.exists():
+        return "failed"  # a damaged record: nothing says where the job stood (run again, the file kept in reruns/)
+    res = res or {}
     status = res.get("status")
     if status == "completed":
         return "completed"
@@ -128,7 +166,7 @@ class Sweep:
             ov = recorded_job_overrides(p)
             if ov is not None:
                 self.found.setdefault(match_key(ov), []).append(p)
-        self.taken = {p.name for p in dirs}
+        self.taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()  # files too
         self.jobs: dict[int, Job] = {}  # by Hydra's job number
         self.counts = dict.fromkeys(ACTIONS, 0)
 
