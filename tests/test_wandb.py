@@ -236,12 +236,24 @@ class OfflineRun:
     """The run as the W&B API would show it: run record, config and summary folded in order, metric
     definitions, history rows."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, wait_s: float = 60.0):
         import json
+        import time
         files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(files) == 1, files
+        # wandb's service process writes the run file: run.finish() can return before the file holds the run's
+        # last records (seen on a loaded machine: the run record and config missing), so wait for its exit record
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:  # a file being written may end inside a record
+                if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(files[0])):
+                    break
+            except Exception:  # noqa: BLE001 - read it again
+                pass
+            time.sleep(0.2)
+        records = list(wandb_records(files[0]))
         self.config, self.summary, self.metrics, self.history, self.summaries = {}, {}, {}, [], []
-        for r in wandb_records(files[0]):
+        for r in records:
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 self.group, self.tags, self.name = r.run.run_group, set(r.run.tags), r.run.display_name
