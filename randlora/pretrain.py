@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .data.bundled import make_commonsense_tiny as bundled
-from .data.commonsense import encode, training_example
+from .data.commonsense import encode, pad_batch, training_example
 from .data.images import DIGIT_NAMES, ImageDataModule
 from .instructions import BUNDLED_DIR, eval_prompt, read_json_records
 from .models import CLIP_MEAN, CLIP_STD, file_sha256
@@ -153,16 +153,6 @@ def lm_examples(records: list[dict], tokenizer) -> list[tuple[list, list]]:
     return out
 
 
-def _pad_batch(pairs: list[tuple[list, list]], pad_id: int) -> dict:
-    width = max(len(ids) for ids, _ in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for i, (x, y) in enumerate(pairs):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def pretrain_lm(records: list[dict], steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
                 log_every: int = 0):
     """The tiny LLaMA trained from scratch for ``steps`` AdamW steps on ``records`` (``lm_examples``:
@@ -184,7 +174,7 @@ def pretrain_lm(records: list[dict], steps: int, seed: int = 0, batch_size: int 
         if len(order) < batch_size:
             order += torch.randperm(len(examples), generator=g).tolist()
         idx, order = order[:batch_size], order[batch_size:]
-        batch = _pad_batch([examples[i] for i in idx], tok.pad_token_id)
+        batch = pad_batch(tok, [examples[i] for i in idx])
         loss = model(**batch, use_cache=False).loss
         opt.zero_grad()
         loss.backward()

@@ -398,7 +398,8 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return out
 
 
-def _batch(tokenizer, pairs: list[tuple[list, list]]) -> dict:
+def pad_batch(tokenizer, pairs: list[tuple[list, list]]) -> dict:
+    """(input_ids, labels) pairs as one right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
     ids = _pad([p[0] for p in pairs], tokenizer.pad_token_id)
     labels = _pad([p[1] for p in pairs], -100)
     mask = _pad([[1] * len(p[0]) for p in pairs], 0)
@@ -413,7 +414,7 @@ class TrainCollate:
         self.template = template
 
     def __call__(self, items: list[dict]) -> dict:
-        return _batch(self.tokenizer, [training_example(self.tokenizer, r, self.cutoff_len, self.train_on_inputs,
+        return pad_batch(self.tokenizer, [training_example(self.tokenizer, r, self.cutoff_len, self.train_on_inputs,
                                                         self.template) for r in items])
 
 
@@ -446,7 +447,7 @@ class EvalCollate:
                "index": torch.tensor([int(r["index"]) for r in items], dtype=torch.long)}
         if self.with_loss:
             pairs = [training_example(tok, r, self.cutoff_len, self.train_on_inputs, self.template) for r in items]
-            out.update(_batch(tok, pairs))
+            out.update(pad_batch(tok, pairs))
         if self.loglik:
             seqs, labels, owner, texts = [], [], [], []
             prefix = self.answer_prefix.rstrip()

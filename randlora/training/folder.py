@@ -83,12 +83,15 @@ def safe_name_resolver(value) -> str:
     return check_file_name(value, "task_name")
 
 
+RESUMES = "resumes"  # <run>/resumes/<time>_<id>/: each resume's own Hydra config and log
+
+
 def resume_run_dir(resume, default: str) -> str:
     """Hydra's run folder for this job: for ``resume=<run folder>``, ``<run>/resumes/<time>_<id>`` (the
     attempt's own Hydra config and log, inside the run it continues; the run's ``.hydra/`` stays the
     record of its start); else ``default``."""
     if resume and Path(str(resume)).is_dir():
-        return str(Path(str(resume)).resolve() / "resumes" / Path(default).name)
+        return str(Path(str(resume)).resolve() / RESUMES / Path(default).name)
     return default
 
 
@@ -113,16 +116,11 @@ def acquire(folder) -> None:
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        try:
-            who = json.loads(f.read() or "{}")
-        except ValueError:
-            who = {}
+        who = _holder(f)
         f.close()
-        pid = who.get("pid", "?")
+        pid = who["pid"]
         raise RunFolderError(
-            f"run folder {folder} is in use by process {pid} on {who.get('host', '?')} "
-            f"(since {who.get('since', '?')}); "
+            f"run folder {folder} is in use by process {pid} on {who['host']} (since {who['since']}); "
             f"two runs must not write one folder: wait for it to end (or stop it: kill {pid}), or use another "
             "folder") from None
     f.seek(0)
@@ -143,13 +141,19 @@ def lock_holder(folder) -> dict | None:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            try:
-                who = json.loads(f.read() or "{}")
-            except ValueError:
-                who = {}
-            return {"pid": who.get("pid", "?"), "host": who.get("host", "?"), "since": who.get("since", "?")}
+            return _holder(f)
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return None
+
+
+def _holder(f) -> dict:
+    """{"pid", "host", "since"} a lock file records ("?" where it does not)."""
+    f.seek(0)
+    try:
+        who = json.loads(f.read() or "{}")
+    except ValueError:
+        who = {}
+    return {k: who.get(k, "?") for k in ("pid", "host", "since")}
 
 
 def is_held(folder) -> bool:

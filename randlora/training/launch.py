@@ -69,17 +69,23 @@ def in_job_process() -> bool:
     return bool(os.environ.get(SWEEP_ENV))
 
 
-def should_isolate() -> bool:
-    """A multirun job under Hydra's in-process basic launcher (and not already a job's process)."""
-    if in_job_process() or os.environ.get(INPROCESS_ENV) == "1":
-        return False
+def local_multirun():
+    """This Hydra job's HydraConfig when it is a job of a multirun under Hydra's basic launcher (a local
+    sweep), else None (a single run, another launcher, or no Hydra context: a direct call of main(cfg))."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
         hc = HydraConfig.get()
-        return hc.mode == RunMode.MULTIRUN and hc.launcher.get("_target_") == BASIC_LAUNCHER
-    except Exception:  # noqa: BLE001 - no Hydra context (a direct call of main(cfg))
+        return hc if hc.mode == RunMode.MULTIRUN and hc.launcher.get("_target_") == BASIC_LAUNCHER else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def should_isolate() -> bool:
+    """A multirun job under Hydra's in-process basic launcher (and not already a job's process)."""
+    if in_job_process() or os.environ.get(INPROCESS_ENV) == "1":
         return False
+    return local_multirun() is not None
 
 
 def entry_command() -> list[str]:
@@ -389,13 +395,14 @@ def run_job_in_child(cfg):
     from .resume import resume_dir
     hc = HydraConfig.get()
     # a resumed job (resume=<job folder>) writes into its folder; Hydra's output is <job>/resumes/<time>/
-    results_path = (resume_dir(cfg) or Path(str(hc.runtime.output_dir)).resolve()) / "results.json"
+    resumed = resume_dir(cfg)
+    results_path = (resumed or Path(str(hc.runtime.output_dir)).resolve()) / "results.json"
     cwd = get_original_cwd()
     env = {**os.environ, SWEEP_ENV: str(Path(str(hc.sweep.dir)).resolve())}
     job_env = {JOB_ENV: str(hc.job.num)}
     args = job_arguments(hc)
-    if resume_dir(cfg) is not None and not any(o.startswith("resume=") for o in hc.overrides.task):
-        args.append(f"resume={_quote(str(resume_dir(cfg)))}")  # a resumed job of a re-run sweep (sweep.py)
+    if resumed is not None and not any(o.startswith("resume=") for o in hc.overrides.task):
+        args.append(f"resume={_quote(str(resumed))}")  # a resumed job of a re-run sweep (sweep.py)
     t0 = time.monotonic()
     server = _fork_server(cwd, env)
     job = server.start(args, job_env) if server is not None else None

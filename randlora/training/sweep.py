@@ -46,10 +46,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from . import folder as rf
+from .launch import BASIC_LAUNCHER, local_multirun
 
-BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 RERUNS = "reruns"   # <job>/reruns/<time>/: a re-run job's earlier files
-RESUMES = "resumes"
 ACTIONS = ("skipped", "resumed", "re-run", "new")
 
 
@@ -214,15 +213,8 @@ def _sweep(folder) -> Sweep:
 
 def _local_multirun_job():
     """(HydraConfig, Sweep) of the current job of a local multirun, else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-        hc = HydraConfig.get()
-        if hc.mode != RunMode.MULTIRUN or hc.launcher.get("_target_") != BASIC_LAUNCHER:
-            return None
-        return hc, _sweep(hc.sweep.dir)
-    except Exception:  # noqa: BLE001 - no Hydra job
-        return None
+    hc = local_multirun()
+    return None if hc is None else (hc, _sweep(hc.sweep.dir))
 
 
 def current_job() -> Job | None:
@@ -243,7 +235,7 @@ def job_subdir() -> str:
         from hydra.core.hydra_config import HydraConfig
         return str(HydraConfig.get().job.num)
     if job.action == "resumed":
-        return f"{job.folder.name}/{RESUMES}/{_stamp()}"
+        return f"{job.folder.name}/{rf.RESUMES}/{_stamp()}"
     return job.folder.name
 
 
